@@ -1,0 +1,50 @@
+"""Turn cleaned caption rows into model features, lazily, through `Dataset.with_transform`.
+
+`load_caption_dataset` (hf_vlm.data.dataset) reads the cleaned CSV and resolves paths;
+`decode_batch` loads the images of the accessed rows; the processor then builds token ids
+and pixel values. Nothing is decoded up front, and the transform is a picklable dataclass,
+so DataLoader workers work under Windows *spawn* too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .dataset import decode_batch, load_caption_dataset
+
+
+@dataclass
+class EncodeCaptionRows:
+    """`with_transform` callable: batch of CSV rows -> processor features (see the collator)."""
+
+    processor: object
+    max_slices: int = 1
+    window_center: float | None = -600
+    window_width: float | None = 1500
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        decoded = decode_batch(
+            batch,
+            max_slices=self.max_slices,
+            image_root=None,  # paths were resolved into `image_files` when the CSV was loaded
+            path_map=None,
+            window_center=self.window_center,
+            window_width=self.window_width,
+        )
+        out: dict[str, list] = {"input_ids": [], "prompt_length": [], "pixel_values": [], "row_id": []}
+        for images, prompt, caption, row_id in zip(
+            decoded["images"], decoded["prompt"], decoded["caption"], decoded["row_id"]
+        ):
+            example = self.processor.encode_example(images, prompt or None, caption)
+            for key in ("input_ids", "prompt_length", "pixel_values"):
+                out[key].append(example[key])
+            out["row_id"].append(row_id)
+        return out
+
+
+def load_training_dataset(
+    csv_path: str, processor, *, image_root: str | None = None, path_map=None, split: str | None = None, **transform_kwargs
+):
+    """Cleaned caption CSV -> lazily encoded `datasets.Dataset` ready for the Trainer."""
+    dataset = load_caption_dataset(csv_path, image_root=image_root, path_map=path_map, split=split)
+    return dataset.with_transform(EncodeCaptionRows(processor, **transform_kwargs))

@@ -1,0 +1,91 @@
+"""Build the embedded default: synthetic CT data, a local tokenizer and tiny pretrained parts.
+
+Real users start from a pretrained vision tower and a pretrained Mamba LLM. The demo has no
+network, so it makes its own: a tiny ViT (random, frozen, like any frozen encoder) and a tiny
+Mamba LM briefly pretrained on report text ("Stage 0"), both saved to disk and loaded back
+through `from_pretrained`, i.e. the same code path as `state-spaces/mamba-2.8b-hf`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from transformers import MambaForCausalLM, ViTImageProcessorPil, ViTModel
+
+from .presets import tiny_max_visual_tokens, tiny_text_config, tiny_vision_config
+from .processing_mamba_vlm import MambaVLMProcessor
+from .synthetic import DEFAULT_PROMPT, make_synthetic_dataset
+from .tokenization import train_report_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoAssets:
+    train_csv: str
+    eval_csv: str
+    vision_path: str
+    llm_path: str
+    processor_path: str
+
+
+def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps: int, seed: int = 0) -> float:
+    """A few hundred steps of next-token training on report text, so the LLM 'speaks' reports."""
+    generator = torch.Generator().manual_seed(seed)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (32,), generator=generator).tolist()
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id)
+        labels = torch.full((len(idx), width), -100)
+        for row, i in enumerate(idx):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            labels[row, : len(encoded[i])] = torch.tensor(encoded[i])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss)
+
+
+def build_demo_assets(
+    out_dir: str, n_train: int = 800, n_eval: int = 100, preset: str = "tiny", lm_steps: int = 150, seed: int = 0
+) -> DemoAssets:
+    """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    data_dir = os.path.join(out_dir, "data")
+    vision_cfg = tiny_vision_config(preset)
+    train_csv = make_synthetic_dataset(data_dir, n_train, seed=seed, image_size=vision_cfg.image_size, split="train")
+    eval_csv = make_synthetic_dataset(data_dir, n_eval, seed=seed + 1, image_size=vision_cfg.image_size, split="eval")
+
+    reports = pd.read_csv(train_csv)["caption"].tolist()
+    prompt_text = f"{DEFAULT_PROMPT}\n"
+    tokenizer = train_report_tokenizer(reports + [prompt_text] * 50, vocab_size=600)
+    image_processor = ViTImageProcessorPil(
+        size={"height": vision_cfg.image_size, "width": vision_cfg.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = MambaVLMProcessor(image_processor, tokenizer, max_visual_tokens=tiny_max_visual_tokens(preset))
+    processor_path = os.path.join(out_dir, "processor")
+    processor.save_pretrained(processor_path)
+
+    vision_path = os.path.join(out_dir, "vision_tower")
+    ViTModel(vision_cfg, add_pooling_layer=False).save_pretrained(vision_path)
+
+    llm_path = os.path.join(out_dir, "mamba_lm")
+    llm = MambaForCausalLM(tiny_text_config(len(tokenizer), preset, pad_token_id=tokenizer.pad_token_id))
+    final = pretrain_text_lm(llm, tokenizer, [prompt_text + r for r in reports], steps=lm_steps, seed=seed)
+    logger.info("Stage 0 (text-only LM pretraining, %d steps): final loss %.3f", lm_steps, final)
+    llm.save_pretrained(llm_path)
+    return DemoAssets(train_csv, eval_csv, vision_path, llm_path, processor_path)

@@ -1,0 +1,263 @@
+"""Vision tower + vision bridge + `MambaForCausalLM`, as one `PreTrainedModel`.
+
+Modelled on transformers' LLaVA: the image is encoded, the bridge turns it into exactly
+`max_visual_tokens` embeddings, and those are scattered into the Mamba input embeddings at
+the `<image>` placeholder positions, with a count check that fails loudly (the most common
+VLM training complaint is "image features and image tokens do not match").
+
+Generation uses Mamba's recurrent cache (`cache_params`): the image and prompt are consumed
+once in the prefill, after which each new token costs one recurrent step regardless of
+how long the report already is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, MambaForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .bridges import build_bridge
+from .configuration_mamba_vlm import MambaVLMConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MambaVLMCausalLMOutput(ModelOutput):
+    """Causal-LM output plus the visual embeddings (the collapse guard watches their std)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache_params: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+class MambaVLMPreTrainedModel(PreTrainedModel):
+    config_class = MambaVLMConfig
+    config: MambaVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    _no_split_modules = ["MambaBlock"]
+    _skip_keys_device_placement = ["cache_params"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Sub-models (vision tower, Mamba) dispatch to their own `_init_weights`; this covers the bridge.
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+
+class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin):
+    """`pixel_values` + `input_ids` with `<image>` placeholders -> next-token logits and loss.
+
+    Sub-modules: `vision_tower` (any transformers vision model), `bridge` (see `hf_vlm.bridges`)
+    and `language_model` (`MambaForCausalLM`). Pre-loaded sub-models can be passed in (see
+    `from_components`) so that real checkpoints are not initialised twice.
+    """
+
+    def __init__(self, config: MambaVLMConfig, vision_tower: nn.Module | None = None, language_model=None):
+        super().__init__(config)
+        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
+        self.bridge = build_bridge(config)
+        self.language_model = language_model if language_model is not None else MambaForCausalLM(config.text_config)
+        self.post_init()
+
+    # --- embeddings plumbing expected by transformers / peft -------------------------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.lm_head
+
+    # --- vision path ------------------------------------------------------------------------
+    def _num_prefix_tokens(self, seq_len: int) -> int:
+        """Tokens before the patch grid (CLS, registers): dropped by the "default" strategy."""
+        if self.config.vision_feature_select_strategy == "full":
+            return 0
+        vcfg = self.config.vision_config
+        image_size, patch_size = getattr(vcfg, "image_size", None), getattr(vcfg, "patch_size", None)
+        if isinstance(image_size, int) and isinstance(patch_size, int) and patch_size > 0:
+            return max(seq_len - (image_size // patch_size) ** 2, 0)
+        return 0
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision-tower hidden states at `vision_feature_layer`, patch tokens only: `(N, P, Dv)`.
+
+        This is the tensor the vision feature cache stores when the tower is frozen.
+        """
+        dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        hidden = outputs.hidden_states[self.config.vision_feature_layer]  # (N, S, Dv)
+        return hidden[:, self._num_prefix_tokens(hidden.shape[1]) :]
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bridge output for each image: `(N, max_visual_tokens, D_text)`."""
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        bridge_dtype = next(self.bridge.parameters()).dtype
+        return self.bridge(vision_features.to(bridge_dtype))
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Boolean `(B, L)` mask of `<image>` positions; raises if it does not match the features."""
+        mask = input_ids == self.config.image_token_id
+        n_tokens, (n_images, per_image) = int(mask.sum()), image_features.shape[:2]
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                "Image features and image tokens do not match: input_ids hold "
+                f"{n_tokens} <image> tokens (id {self.config.image_token_id}) but {n_images} image(s) x "
+                f"{per_image} visual tokens = {n_images * per_image} features. Build inputs with "
+                "MambaVLMProcessor (it expands each <image> to max_visual_tokens placeholders) and "
+                "make sure the processor and model use the same max_visual_tokens."
+            )
+        return mask
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with visual embeddings scattered in: `(B, L, D)`, plus the visual part."""
+        image_mask = input_ids == self.config.image_token_id
+        # the placeholder id may lie outside the LLM vocabulary: never look it up
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, L, D)
+        if pixel_values is None and vision_features is None:
+            if image_mask.any():
+                raise ValueError(
+                    f"input_ids contain {int(image_mask.sum())} <image> tokens but no pixel_values were given"
+                )
+            return inputs_embeds, None
+        image_features = self.get_image_features(pixel_values, vision_features)  # (N, K, D)
+        mask = self.get_placeholder_mask(input_ids, image_features)
+        image_features = image_features.to(inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+        return inputs_embeds, image_features
+
+    # --- forward / generation ---------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        cache_params: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MambaVLMCausalLMOutput:
+        """`vision_features` (cached vision-tower output, see `get_vision_features`) replaces
+        `pixel_values` when the tower is frozen and features were pre-computed."""
+        image_features = None
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids (with <image> placeholders) or inputs_embeds")
+            inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, vision_features)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
+            return_dict=True,
+        )
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=outputs.logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+        return MambaVLMCausalLMOutput(
+            loss=loss,
+            logits=outputs.logits,
+            cache_params=outputs.cache_params,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        inputs_embeds=None,
+        use_cache=None,
+        cache_params: Cache | None = None,
+        attention_mask=None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache_params=cache_params,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            # the recurrent state already holds image + prompt: feed only the newest token
+            model_inputs["attention_mask"] = None
+            model_inputs.pop("pixel_values", None)
+            model_inputs.pop("vision_features", None)
+        return model_inputs
+
+    # --- building from real checkpoints -----------------------------------------------------
+    @classmethod
+    def from_components(
+        cls,
+        vision_model: str | nn.Module,
+        language_model: str | MambaForCausalLM,
+        *,
+        llm_quantization_config=None,
+        dtype: torch.dtype | None = None,
+        **bridge_kwargs,
+    ) -> "MambaVLMForConditionalGeneration":
+        """Join a pretrained vision tower and a pretrained Mamba LLM with a fresh bridge.
+
+        `vision_model` / `language_model` are local paths or hub ids (e.g. a local copy of
+        `openai/clip-vit-large-patch14` and `state-spaces/mamba-2.8b-hf`) or loaded modules.
+        `bridge_kwargs` go to `MambaVLMConfig` (bridge_type, max_visual_tokens, image_token_id …).
+        """
+        from .loading import load_language_model, load_vision_tower
+
+        tower = load_vision_tower(vision_model, dtype=dtype) if isinstance(vision_model, str) else vision_model
+        llm = (
+            load_language_model(language_model, quantization_config=llm_quantization_config, dtype=dtype)
+            if isinstance(language_model, str)
+            else language_model
+        )
+        config = MambaVLMConfig(vision_config=tower.config, text_config=llm.config, **bridge_kwargs)
+        model = cls(config, vision_tower=tower, language_model=llm)
+        if config.bridge_type == "qformer" and config.qformer_init_from:
+            model.bridge.load_blip2_weights(config.qformer_init_from)
+        if dtype is not None:
+            model.bridge.to(dtype)
+        return model
+
+
+__all__ = ["MambaVLMForConditionalGeneration", "MambaVLMPreTrainedModel", "MambaVLMCausalLMOutput"]

@@ -1,0 +1,126 @@
+"""Processor: image processor + tokenizer + prompt template.
+
+It turns (images, prompt, answer) into token ids in which every `<image>` is expanded to
+exactly `max_visual_tokens` placeholder ids, and records where the prompt ends so that the
+collator can mask by *position*. Prompt and answer are tokenised separately and
+concatenated, so a BPE merge can never straddle the boundary and move it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoProcessor, ProcessorMixin
+
+from .tokenization import IMAGE_TOKEN, ensure_image_token
+
+DEFAULT_TEMPLATE = "{prompt}\n{images}"
+DEFAULT_PROMPT = "请根据CT图像写出影像所见。"
+
+
+class MambaVLMProcessor(ProcessorMixin):
+    """`processor(images=..., text=...)` for generation; `encode_example(...)` for training.
+
+    Args:
+        image_processor: any transformers image processor (CLIP, SigLIP, ViT …).
+        tokenizer: the LLM tokenizer; `<image>` is added if missing.
+        max_visual_tokens: visual tokens per image (must equal the model config's).
+        prompt_template: must contain `{prompt}`; `{images}` is where the `<image>` markers go
+            when the prompt itself has none.
+        default_prompt: used when a row has no prompt.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        max_visual_tokens: int = 64,
+        prompt_template: str = DEFAULT_TEMPLATE,
+        default_prompt: str = DEFAULT_PROMPT,
+        **kwargs,
+    ):
+        if "{prompt}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+        self.max_visual_tokens = int(max_visual_tokens)
+        self.prompt_template = prompt_template
+        self.default_prompt = default_prompt
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self.image_token_id = ensure_image_token(self.tokenizer)
+
+    # --- text ---------------------------------------------------------------------------------
+    def format_prompt(self, prompt: str | None, num_images: int) -> str:
+        """Fill the template; `<image>` markers already in the prompt are kept where they are."""
+        prompt = prompt if prompt else self.default_prompt
+        if IMAGE_TOKEN in prompt or IMAGE_TOKEN in self.prompt_template.replace("{images}", ""):
+            return self.prompt_template.format(images="", prompt=prompt)
+        return self.prompt_template.format(images=IMAGE_TOKEN * num_images + "\n", prompt=prompt)
+
+    def tokenize_prompt(self, prompt: str | None, num_images: int) -> list[int]:
+        """Prompt ids with each `<image>` expanded to `max_visual_tokens` placeholders."""
+        text = self.format_prompt(prompt, num_images)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        expanded: list[int] = []
+        for token in ids:
+            expanded.extend([token] * self.max_visual_tokens if token == self.image_token_id else [token])
+        found = ids.count(self.image_token_id)
+        if found != num_images:
+            raise ValueError(
+                f"Prompt has {found} {IMAGE_TOKEN} marker(s) but {num_images} image(s) were given: {text!r}"
+            )
+        return expanded
+
+    def encode_example(self, images, prompt: str | None, answer: str | None) -> dict:
+        """One training example: ids (prompt + answer + EOS), prompt length, pixel values.
+
+        Truncation is left to the collator, which must never cut visual or prompt tokens.
+        """
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if answer is None or not str(answer).strip():
+            raise ValueError(
+                f"Empty answer for prompt {prompt!r}: a training row needs a non-empty report "
+                "(clean the CSV with `hf-vlm clean`)"
+            )
+        prompt_ids = self.tokenize_prompt(prompt, len(images))
+        answer_ids = self.tokenizer(str(answer), add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+        return {
+            "input_ids": prompt_ids + answer_ids,
+            "prompt_length": len(prompt_ids),
+            "pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"],
+        }
+
+    # --- batched inference --------------------------------------------------------------------
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> dict:
+        """Batch of prompts (one list of images per prompt), LEFT-padded for generation."""
+        if text is None or isinstance(text, str):
+            text = [text]
+        if images is None:
+            per_prompt = [[] for _ in text]
+        elif not isinstance(images, (list, tuple)):
+            per_prompt = [[images]]
+        else:
+            per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        if len(per_prompt) != len(text):
+            raise ValueError(f"{len(text)} prompts but {len(per_prompt)} image groups")
+        rows = [self.tokenize_prompt(p, len(ims)) for p, ims in zip(text, per_prompt)]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        flat = [im for ims in per_prompt for im in ims]
+        if flat:
+            out["pixel_values"] = self.image_processor(images=flat, return_tensors="pt")["pixel_values"]
+        return out
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=True, **kwargs)
+
+    def decode(self, sequence, **kwargs) -> str:
+        return self.tokenizer.decode(sequence, skip_special_tokens=True, **kwargs)
+
+
+def register_processor(config_class) -> None:
+    AutoProcessor.register(config_class, MambaVLMProcessor, exist_ok=True)
+
+
+__all__ = ["MambaVLMProcessor", "DEFAULT_PROMPT", "DEFAULT_TEMPLATE"]

@@ -1,0 +1,78 @@
+"""Shared fixtures: a locally trained tokenizer and micro models saved/loaded through from_pretrained.
+
+Nothing is downloaded: configs are built in code, saved to a temp dir and loaded back through
+the same `from_pretrained` path a real checkpoint uses.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def report_texts():
+    from hf_vlm.synthetic import DEFAULT_PROMPT, draw_facts, write_report
+
+    rng = random.Random(0)
+    return [write_report(draw_facts(rng), rng) for _ in range(300)] + [DEFAULT_PROMPT + "\n"] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer(report_texts):
+    from hf_vlm.tokenization import train_report_tokenizer
+
+    return train_report_tokenizer(report_texts, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def micro_processor(tokenizer):
+    from transformers import ViTImageProcessorPil
+
+    from hf_vlm import MambaVLMProcessor
+    from hf_vlm.presets import tiny_max_visual_tokens, tiny_vision_config
+
+    size = tiny_vision_config("micro").image_size
+    return MambaVLMProcessor(
+        ViTImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer,
+        max_visual_tokens=tiny_max_visual_tokens("micro"),
+    )
+
+
+def build_micro_config(processor, **overrides):
+    from hf_vlm import MambaVLMConfig
+    from hf_vlm.presets import tiny_text_config, tiny_vision_config
+
+    kwargs = dict(
+        vision_config=tiny_vision_config("micro"),
+        text_config=tiny_text_config(len(processor.tokenizer), "micro", pad_token_id=processor.tokenizer.pad_token_id),
+        max_visual_tokens=processor.max_visual_tokens,
+        image_token_id=processor.image_token_id,
+    )
+    kwargs.update(overrides)
+    return MambaVLMConfig(**kwargs)
+
+
+@pytest.fixture
+def micro_model(micro_processor):
+    from hf_vlm import MambaVLMForConditionalGeneration
+
+    torch.manual_seed(0)
+    return MambaVLMForConditionalGeneration(build_micro_config(micro_processor)).eval()
+
+
+@pytest.fixture(scope="session")
+def ct_images():
+    from hf_vlm.synthetic import draw_facts, render_slice
+
+    rng = random.Random(1)
+    return [render_slice(draw_facts(rng), 32, rng) for _ in range(4)]

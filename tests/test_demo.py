@@ -1,0 +1,24 @@
+"""End to end: the README's demo trains on synthetic CT data and reads the image."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_vlm.cli import main
+from hf_vlm.synthetic import chance_accuracy
+
+
+@pytest.mark.slow
+def test_demo_reports_match_the_image_far_better_than_chance(tmp_path, capsys):
+    assert main(["demo", "--output_dir", str(tmp_path)]) == 0
+    scores = json.loads((tmp_path / "demo_scores.json").read_text(encoding="utf-8"))
+    model, blind, chance = scores["model"], scores["blind_shuffled_images"], chance_accuracy()
+    assert model["side"] >= 0.8 and model["lobe"] >= 0.65 and model["size_within_2mm"] >= 0.45, model
+    for fact in ("side", "lobe"):
+        assert model[fact] >= chance[fact] + 0.2, (fact, model, chance)
+        assert model[fact] >= blind[fact] + 0.2, (fact, model, blind)  # the image matters
+    printed = capsys.readouterr().out
+    assert "prediction | ground truth" in printed and "肺" in printed
+    assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "processor_config.json").exists()
