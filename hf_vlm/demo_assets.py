@@ -54,7 +54,7 @@ def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_demo_assets(

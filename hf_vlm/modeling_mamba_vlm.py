@@ -226,6 +226,24 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
             model_inputs.pop("vision_features", None)
         return model_inputs
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+        """Beam search / num_return_sequences: repeat each study's images, not each image.
+
+        The base class repeats every tensor row by row; `pixel_values` has one row per image, so a
+        two-image study would hand its beams the images a1 a1 a2 a2 instead of a1 a2 a1 a2.
+        """
+        per_image = {k: model_kwargs.pop(k) for k in ("pixel_values", "vision_features") if model_kwargs.get(k) is not None}
+        if expand_size > 1 and per_image and input_ids is not None:
+            images_per_row = ((input_ids == self.config.image_token_id).sum(-1) // self.config.max_visual_tokens).tolist()
+            for key, value in per_image.items():
+                groups = value.split(images_per_row)
+                per_image[key] = torch.cat([g for g in groups for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(per_image)
+        return input_ids, model_kwargs
+
     # --- building from real checkpoints -----------------------------------------------------
     @classmethod
     def from_components(

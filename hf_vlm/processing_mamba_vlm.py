@@ -68,25 +68,29 @@ class MambaVLMProcessor(ProcessorMixin):
             )
         return expanded
 
+    def encode_text(self, prompt: str | None, answer: str | None, num_images: int) -> dict:
+        """Token ids (prompt + answer + EOS) and the prompt length, without touching pixels.
+
+        Used directly when vision features come from the feature cache.
+        """
+        if answer is None or not str(answer).strip():
+            raise ValueError(
+                f"Empty answer for prompt {prompt!r}: a training row needs a non-empty report "
+                "(clean the CSV with `hf-vlm clean`)"
+            )
+        prompt_ids = self.tokenize_prompt(prompt, num_images)
+        answer_ids = self.tokenizer(str(answer), add_special_tokens=False)["input_ids"]
+        return {"input_ids": prompt_ids + answer_ids + [self.tokenizer.eos_token_id], "prompt_length": len(prompt_ids)}
+
     def encode_example(self, images, prompt: str | None, answer: str | None) -> dict:
         """One training example: ids (prompt + answer + EOS), prompt length, pixel values.
 
         Truncation is left to the collator, which must never cut visual or prompt tokens.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if answer is None or not str(answer).strip():
-            raise ValueError(
-                f"Empty answer for prompt {prompt!r}: a training row needs a non-empty report "
-                "(clean the CSV with `hf-vlm clean`)"
-            )
-        prompt_ids = self.tokenize_prompt(prompt, len(images))
-        answer_ids = self.tokenizer(str(answer), add_special_tokens=False)["input_ids"]
-        answer_ids = answer_ids + [self.tokenizer.eos_token_id]
-        return {
-            "input_ids": prompt_ids + answer_ids,
-            "prompt_length": len(prompt_ids),
-            "pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"],
-        }
+        example = self.encode_text(prompt, answer, len(images))
+        example["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return example
 
     # --- batched inference --------------------------------------------------------------------
     def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> dict:

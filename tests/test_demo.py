@@ -21,4 +21,8 @@ def test_demo_reports_match_the_image_far_better_than_chance(tmp_path, capsys):
         assert model[fact] >= blind[fact] + 0.2, (fact, model, blind)  # the image matters
     printed = capsys.readouterr().out
     assert "prediction | ground truth" in printed and "肺" in printed
-    assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "processor_config.json").exists()
+    final = tmp_path / "final"
+    assert (final / "config.json").exists() and (final / "processor_config.json").exists()
+    assert (final / "train_log.csv").exists() and (final / "README.md").exists()  # CSV log, model card
+    png = (final / "train_log.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000  # loss curve with the healthy band

@@ -155,10 +155,12 @@ def test_install_is_idempotent_and_reversible(restore_backend, caplog):
     import transformers.models.mamba.modeling_mamba as mm
 
     original = mm.mamba_selective_scan
-    assert mamba_kernels_available() is False  # CPU-only machine, no mamba-ssm
-    assert active_scan_backend() == "transformers_reference"
+    kernels = mamba_kernels_available()
+    assert active_scan_backend() == ("mamba_ssm" if kernels else "transformers_reference")
+    if kernels:  # with the CUDA kernels active transformers' path is left alone
+        assert install_fast_scan() == "mamba_ssm" and mm.mamba_selective_scan is original
     with caplog.at_level(logging.INFO, logger="hf_vlm.ops"):
-        assert install_fast_scan() == "hf_vlm_chunked"
+        assert install_fast_scan(force=kernels) == "hf_vlm_chunked"
         patched = mm.mamba_selective_scan
         assert install_fast_scan() == "hf_vlm_chunked"
     assert mm.mamba_selective_scan is patched is not original
@@ -178,7 +180,7 @@ def test_install_is_idempotent_and_reversible(restore_backend, caplog):
     torch.testing.assert_close(out, selective_scan_ref(*args))
     uninstall_fast_scan()
     assert mm.mamba_selective_scan is original
-    assert active_scan_backend() == "transformers_reference"
+    assert active_scan_backend() == ("mamba_ssm" if kernels else "transformers_reference")
     assert hub_logger.filter(rec)
 
 
@@ -190,6 +192,7 @@ def _logits_and_grads(model, ids):
     return out.logits.detach(), grads
 
 
+@pytest.mark.skipif(mamba_kernels_available(), reason="transformers' path would be the CUDA kernels")
 def test_tiny_mamba_same_logits_grads_and_generation(restore_backend):
     model = tiny_model().train()
     ids = torch.randint(0, 100, (2, 23), generator=torch.Generator().manual_seed(0))

@@ -34,28 +34,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show", type=int, default=5, help="generated reports to print next to the truth")
 
 
-def train_stage(model, train_dataset, collator, args, stage: str, max_steps: int) -> None:
-    """Plain `transformers.Trainer`; the vision tower stays frozen, the LLM only in "align"."""
-    from transformers import Trainer, TrainingArguments
+def run_stages(args) -> dict:
+    """Stage 1 (align: bridge only) then Stage 2 (bridge + LLM) with `recipes/tiny_demo.yaml`,
+    through the guarded `MambaVLMTrainer` — the same path as `hf-vlm train`."""
+    from .train import train_from_recipe
 
-    model.vision_tower.requires_grad_(False)
-    model.language_model.requires_grad_(stage == "finetune")
-    training_args = TrainingArguments(
-        output_dir=os.path.join(args.output_dir, stage),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(max_steps // 20, 1),
-        logging_steps=max(max_steps // 10, 1),
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        seed=args.seed,
-        use_cpu=True,
+    common = {
+        "output_dir": args.output_dir,
+        "synthetic_train_rows": args.n_train,
+        "synthetic_eval_rows": args.n_eval,
+        "synthetic_lm_steps": args.lm_steps,
+        "synthetic_dir": os.path.join(args.output_dir, "assets"),
+        "seed": args.seed,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "bridge_learning_rate": args.learning_rate,
+        "llm_learning_rate": args.learning_rate,
+    }
+    align = train_from_recipe(
+        "tiny_demo",
+        {**common, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": args.align_steps,
+         "save_strategy": "no", "output_dir": os.path.join(args.output_dir, "align")},
     )
-    Trainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator).train()
+    return train_from_recipe(
+        "tiny_demo",
+        {**common, "init_from": align["output_dir"], "max_steps": args.finetune_steps,
+         "output_dir": os.path.join(args.output_dir, "final")},
+    )
 
 
 def evaluate_facts(model, processor, eval_csv: str, shuffle_images: bool = False, seed: int = 0):
@@ -76,45 +81,18 @@ def evaluate_facts(model, processor, eval_csv: str, shuffle_images: bool = False
 
 
 def run(args) -> int:
-    import torch
     from transformers import set_seed
 
-    from .. import MambaVLMForConditionalGeneration, MambaVLMProcessor
-    from ..data.collator import DataCollatorForMambaVLM
-    from ..data.encoding import load_training_dataset
-    from ..demo_assets import build_demo_assets
-    from ..ops import install_fast_scan
     from ..synthetic import chance_accuracy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.time()
     set_seed(args.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    install_fast_scan()
-    assets = build_demo_assets(args.output_dir, args.n_train, args.n_eval, lm_steps=args.lm_steps, seed=args.seed)
-    processor = MambaVLMProcessor.from_pretrained(assets.processor_path)
-    model = MambaVLMForConditionalGeneration.from_components(
-        assets.vision_path,
-        assets.llm_path,
-        max_visual_tokens=processor.max_visual_tokens,
-        image_token_id=processor.image_token_id,
-    )
-    train_dataset = load_training_dataset(assets.train_csv, processor)
-    collator = DataCollatorForMambaVLM(
-        pad_token_id=processor.tokenizer.pad_token_id,
-        image_token_id=processor.image_token_id,
-        tokenizer=processor.tokenizer,
-    )
-    for stage, steps in (("align", args.align_steps), ("finetune", args.finetune_steps)):
-        if steps > 0:
-            logger.info("Stage %s: %d steps", stage, steps)
-            train_stage(model, train_dataset, collator, args, stage, steps)
-    final_dir = os.path.join(args.output_dir, "final")
-    model.save_pretrained(final_dir)
-    processor.save_pretrained(final_dir)
-
-    reports, references, scores = evaluate_facts(model, processor, assets.eval_csv)
-    _, _, blind = evaluate_facts(model, processor, assets.eval_csv, shuffle_images=True, seed=args.seed)
+    final = run_stages(args)
+    model, processor, final_dir = final["model"], final["processor"], final["output_dir"]
+    eval_csv = os.path.join(args.output_dir, "assets", "data", "eval.csv")
+    reports, references, scores = evaluate_facts(model, processor, eval_csv)
+    _, _, blind = evaluate_facts(model, processor, eval_csv, shuffle_images=True, seed=args.seed)
     chance = chance_accuracy()
     print("\nGenerated reports for held-out images (prediction | ground truth):")
     for prediction, reference in list(zip(reports, references))[: args.show]:
@@ -125,5 +103,6 @@ def run(args) -> int:
     summary = {"model": scores, "blind_shuffled_images": blind, "chance": chance, "seconds": time.time() - start}
     with open(os.path.join(args.output_dir, "demo_scores.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2, ensure_ascii=False)
-    print(f"\nCheckpoint: {final_dir}  ({summary['seconds']:.0f} s in total)")
+    curve = os.path.join(final_dir, "train_log.png")  # written by LossPlotCallback, healthy band drawn
+    print(f"\nCheckpoint: {final_dir}\nLoss curve: {curve}  ({summary['seconds']:.0f} s in total)")
     return 0

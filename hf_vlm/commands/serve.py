@@ -1,0 +1,141 @@
+"""`hf-vlm serve`: a small gradio page to try one checkpoint by hand.
+
+    hf-vlm serve --checkpoint outputs/demo/final            # http://127.0.0.1:7860
+
+Drop a PNG/JPG slice (or upload a DICOM / NIfTI file) and read the report as it is generated,
+with the decoding settings on sliders. The model is loaded through `hf_vlm.inference`, so the
+page runs with the checkpoint's training settings exactly like `hf-vlm generate`. It listens
+on 127.0.0.1 by default: a radiology model on a public port is a decision to make on purpose
+(`--host 0.0.0.0`). gradio is optional: `pip install hf_vlm[serve]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+
+DICOM_TYPES = [".dcm", ".dicom", ".nii", ".gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="folder with the saved model and processor")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)")
+    parser.add_argument("--llm_8bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="LLM in 8-bit; must match how the checkpoint was trained (default: read from it)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+
+
+def make_generate_fn(model, processor):
+    """The page's callback: (image, file, prompt, settings...) -> report text, yielded as it grows."""
+    from transformers import TextIteratorStreamer
+
+    from ..data.images import ImageLoadError, load_images
+    from ..inference import build_generate_kwargs, generate_batch
+
+    lock = threading.Lock()  # one generation at a time: the model is shared
+
+    def generate(image, file, prompt, max_new_tokens, repetition_penalty, no_repeat_ngram_size, num_beams,
+                 do_sample, temperature, top_p):
+        import gradio as gr
+
+        if file:
+            try:
+                images = load_images(str(file), max_slices=1)
+            except (ImageLoadError, ImportError) as exc:
+                raise gr.Error(f"Cannot read the uploaded file: {exc}") from exc
+        elif image is not None:
+            images = [image.convert("RGB")]
+        else:
+            raise gr.Error("Upload a CT image (PNG/JPG) or a DICOM / NIfTI file first.")
+        kwargs = build_generate_kwargs(
+            max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
+            temperature=float(temperature) if do_sample else None, top_p=float(top_p) if do_sample else None,
+            num_beams=int(num_beams), repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram_size=int(no_repeat_ngram_size) or None)
+        prompt = (prompt or "").strip() or None
+        with lock:
+            if int(num_beams) > 1:  # transformers cannot stream beam search
+                yield generate_batch(model, processor, [images], [prompt], **kwargs)[0]
+                return
+            streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            result: dict = {}
+
+            def work():
+                try:
+                    result["report"] = generate_batch(model, processor, [images], [prompt], streamer=streamer, **kwargs)[0]
+                except Exception as exc:  # surfaced below, after the streamer is released
+                    result["error"] = exc
+                    streamer.end()
+
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            text = ""
+            for piece in streamer:
+                text += piece
+                yield text.strip()
+            thread.join()
+            if "error" in result:
+                raise gr.Error(f"Generation failed: {result['error']}")
+            yield result["report"]
+
+    return generate
+
+
+def build_app(checkpoint: str, **load_kwargs):
+    """The gradio Blocks for `checkpoint` (not launched). `load_kwargs` go to `load_for_inference`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
+    import gradio as gr
+
+    from ..inference import load_for_inference
+
+    model, processor, settings = load_for_inference(checkpoint, **load_kwargs)
+    generate = make_generate_fn(model, processor)
+    with gr.Blocks(title="hf_vlm report demo", analytics_enabled=False) as app:
+        gr.Markdown(f"## CT report generation\nCheckpoint `{os.path.basename(os.path.normpath(checkpoint))}` · "
+                    f"{settings['max_visual_tokens']} visual tokens · LLM {'8-bit' if settings['llm_8bit'] else 'full precision'} "
+                    "· research use only, not a medical device.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="CT slice (PNG / JPG)", sources=["upload", "clipboard"],
+                                 image_mode="RGB", height=320, elem_id="image")
+                file = gr.File(label="…or a DICOM / NIfTI file (takes precedence)", file_types=DICOM_TYPES,
+                               type="filepath", elem_id="file")
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", value=processor.default_prompt, lines=2, elem_id="prompt")
+                with gr.Accordion("Generation settings", open=True):
+                    max_new_tokens = gr.Slider(8, 512, value=128, step=8, label="max_new_tokens")
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="repetition_penalty")
+                    no_repeat = gr.Slider(0, 8, value=0, step=1, label="no_repeat_ngram_size (0 = off)")
+                    num_beams = gr.Slider(1, 4, value=1, step=1, label="num_beams")
+                    do_sample = gr.Checkbox(value=False, label="do_sample")
+                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature (sampling)")
+                    top_p = gr.Slider(0.1, 1.0, value=1.0, step=0.05, label="top_p (sampling)")
+                button = gr.Button("Generate report", variant="primary", elem_id="generate")
+                report = gr.Textbox(label="Report", lines=6, elem_id="report")
+        button.click(generate, inputs=[image, file, prompt, max_new_tokens, repetition_penalty, no_repeat, num_beams,
+                                       do_sample, temperature, top_p], outputs=report, api_name="generate")
+    return app
+
+
+def run(args) -> int:
+    import sys
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("hf-vlm serve: gradio is not installed: pip install 'hf_vlm[serve]'", file=sys.stderr)
+        return 2
+    from ..inference import SettingsMismatchError
+
+    try:
+        app = build_app(args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
+                        device=args.device, dtype=args.dtype)
+    except (SettingsMismatchError, OSError, ValueError) as exc:
+        print(f"hf-vlm serve: error: {exc}", file=sys.stderr)
+        return 2
+    app.queue().launch(server_name=args.host, server_port=args.port)
+    return 0

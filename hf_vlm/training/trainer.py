@@ -1,0 +1,236 @@
+"""`MambaVLMTrainer`: the HF Trainer with per-module learning rates, extra metrics and guards.
+
+* Parameter groups per module (bridge / qformer / lora / llm / vision), each with its own LR;
+  weight decay only on >= 2-D weights (never biases, norms, Mamba's `A_log`/`D`, or queries).
+* `compute_loss` also gathers visual-embedding std/norm, the supervised-token fraction and
+  any per-part losses the model returns; `log()` averages and clears them (the TRL pattern).
+* The guard callbacks are installed from the arguments; the trainer feeds them what
+  callbacks cannot see (batches, per-micro-batch losses, logs before they are printed).
+* After a NaN/Inf no checkpoint is written, so the last good one survives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from ..data.collator import IGNORE_INDEX
+from .arguments import MambaVLMTrainingArguments
+from .callbacks import CollapseGuard, VisionProbe, default_callbacks
+from .freeze import apply_freeze_policy, component_of, describe_trainable, format_trainable_table, policy_key
+
+logger = logging.getLogger(__name__)
+
+GROUP_ORDER = ("bridge", "qformer", "lora", "language_model", "vision_tower", "other")
+_NO_DECAY_SUFFIXES = (".A_log", ".D", "query_tokens")  # Mamba SSM parameters, Q-Former queries
+
+
+class MambaVLMTrainer(Trainer):
+    """Trainer for `MambaVLMForConditionalGeneration` with `MambaVLMTrainingArguments`.
+
+    The freeze policy is applied here unless the model already carries the same policy
+    (then what the caller did is kept, and the FreezeGuard checks it). `install_guards=False`
+    leaves only the callbacks passed in.
+    """
+
+    def __init__(self, model=None, args: MambaVLMTrainingArguments | None = None, *pos, callbacks=None,
+                 install_guards: bool = True, **kwargs):
+        from ..ops import install_fast_scan
+
+        if not isinstance(args, MambaVLMTrainingArguments):
+            raise TypeError("MambaVLMTrainer needs MambaVLMTrainingArguments (stage, LRs and guard settings)")
+        install_fast_scan()
+        if model is not None and getattr(model, "_hf_vlm_freeze_policy", None) != policy_key(args):
+            model = apply_freeze_policy(model, args)
+        if kwargs.get("data_collator") is None and not pos:
+            kwargs["data_collator"] = self._default_collator(kwargs.get("processing_class"))
+        installed = default_callbacks(args) if install_guards else []
+        super().__init__(model, args, *pos, callbacks=installed + list(callbacks or []), **kwargs)
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @staticmethod
+    def _default_collator(processor):
+        if processor is None or getattr(processor, "image_token_id", None) is None:
+            return None
+        from ..data.collator import DataCollatorForMambaVLM
+
+        tokenizer = processor.tokenizer
+        return DataCollatorForMambaVLM(
+            tokenizer.pad_token_id, image_token_id=processor.image_token_id, tokenizer=tokenizer
+        )
+
+    # --- hooks for the guards ------------------------------------------------------------------
+    def _hooks(self):
+        return [cb for cb in self.callback_handler.callbacks if hasattr(cb, "observe_batch")]
+
+    @property
+    def guard_trips(self) -> list[str]:
+        """Every message a guard reported so far (also logged)."""
+        return [t for cb in self._hooks() for t in getattr(cb, "trips", [])]
+
+    @property
+    def nonfinite_step(self) -> int | None:
+        steps = [cb.nonfinite_step for cb in self._hooks() if isinstance(cb, CollapseGuard) and cb.nonfinite_step]
+        return min(steps) if steps else None
+
+    # --- optimizer -----------------------------------------------------------------------------
+    def _group_lr(self, component: str) -> float:
+        args = self.args
+        return {
+            "bridge": args.bridge_learning_rate,
+            "qformer": args.qformer_learning_rate,
+            "lora": args.lora_learning_rate,
+            "language_model": args.llm_learning_rate if args.llm_learning_rate is not None else args.learning_rate,
+            "vision_tower": args.vision_learning_rate if args.vision_learning_rate is not None else args.learning_rate,
+        }.get(component, args.learning_rate)
+
+    def build_parameter_groups(self, model) -> list[dict]:
+        """One (decay, no-decay) pair of groups per module, each with the module's LR and a `name`."""
+        buckets: dict[tuple[str, bool], list] = defaultdict(list)
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            component = component_of(name)
+            decay = param.ndim >= 2 and not name.endswith(_NO_DECAY_SUFFIXES)
+            buckets[(component if component in GROUP_ORDER else "other", decay)].append(param)
+        groups = []
+        for component in GROUP_ORDER:
+            for decay in (True, False):
+                if buckets.get((component, decay)):
+                    groups.append({
+                        "params": buckets[(component, decay)],
+                        "lr": self._group_lr(component),
+                        "weight_decay": self.args.weight_decay if decay else 0.0,
+                        "name": f"{component}{'' if decay else '_no_decay'}",
+                    })
+        return groups
+
+    def create_optimizer(self, model=None):
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            logger.warning("optim=%s builds its own groups: per-module learning rates are not applied", self.args.optim)
+            return super().create_optimizer(model)
+        groups = self.build_parameter_groups(opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        summary = ", ".join(f"{g['name']} lr={g['lr']:g} ({len(g['params'])} tensors)" for g in groups)
+        logger.info("Optimizer groups: %s", summary)
+        return self.optimizer
+
+    # --- training ------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        table = format_trainable_table(describe_trainable(self.model))
+        logger.info("Trainable parameters (stage=%s):\n%s", self.args.stage, table)
+        return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = model.training
+        if training:
+            for hook in self._hooks():
+                hook.observe_batch(self.args, self.state, self.control, inputs, self.model)
+        # a shallow copy: the parent pops "labels" when a custom loss function is set
+        loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
+        batch_loss = self._batch_mean_loss(loss, inputs, num_items_in_batch)
+        self._gather_metrics("train" if training else "eval", outputs, inputs)
+        if training:
+            for hook in self._hooks():
+                hook.observe_loss(self.args, self.state, self.control, batch_loss, outputs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _batch_mean_loss(self, loss, inputs, num_items_in_batch):
+        """Per-token mean loss of this micro-batch (the Trainer may scale it for accumulation)."""
+        labels = inputs.get("labels")
+        if num_items_in_batch is None or labels is None:
+            return loss.detach()
+        local = (labels[..., 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return loss.detach() * num_items_in_batch / (local * scale)
+
+    def _gather_metrics(self, mode: str, outputs, inputs) -> None:
+        metrics = self._metrics[mode]
+        visual = getattr(outputs, "image_hidden_states", None)
+        if visual is not None and visual.numel() > 1:
+            visual = visual.detach().float()  # (N, K, D)
+            metrics["visual_std"].append(visual.std())
+            metrics["visual_norm"].append(visual.norm(dim=-1).mean())
+        labels = inputs.get("labels")
+        if labels is not None:
+            mask = inputs.get("attention_mask")
+            total = mask.sum() if mask is not None else torch.tensor(labels.numel())
+            metrics["supervised_fraction"].append((labels != IGNORE_INDEX).sum() / total.clamp(min=1))
+        if hasattr(outputs, "items"):
+            for key, value in outputs.items():
+                if key != "loss" and key.endswith("_loss") and torch.is_tensor(value) and value.numel() == 1:
+                    metrics[key].append(value.detach().float())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        if mode == "eval" or "loss" in logs:
+            prefix = "eval_" if mode == "eval" else ""
+            for key, values in self._metrics[mode].items():
+                if values:
+                    logs[prefix + key] = float(torch.stack([v.float().cpu() for v in values]).mean())
+            self._metrics[mode].clear()
+        if mode == "train" and "loss" in logs and self.optimizer is not None and "learning_rate" in logs:
+            # every group follows the same schedule: scale each group's peak LR like the logged one
+            groups = self.optimizer.param_groups
+            factor = logs["learning_rate"] / (groups[0].get("initial_lr") or groups[0]["lr"] or 1.0)
+            for group in groups:
+                name = group.get("name", "")
+                if name and not name.endswith("_no_decay"):
+                    logs[f"learning_rate_{name}"] = group.get("initial_lr", group["lr"]) * factor
+        for hook in self._hooks():
+            hook.annotate_logs(self.args, self.state, logs)
+        super().log(logs, start_time)
+
+    # --- evaluation: the vision probe ----------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        probes = [cb for cb in self._hooks() if isinstance(cb, VisionProbe)]
+        if probes and output.metrics is not None:
+            result = probes[0].probe(
+                self.model, dataloader, prepare=self._prepare_inputs, context=self.compute_loss_context_manager
+            )
+            if result is not None:
+                for key, value in result.items():
+                    output.metrics[f"{metric_key_prefix}_{key}"] = value
+                probes[0].check(result, self.state.global_step)
+        return output
+
+    # --- saving: never after a NaN -------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        if self.nonfinite_step is not None:
+            logger.error(
+                "Not writing checkpoint-%d: the loss/gradient was NaN/Inf at step %d; the last good checkpoint is kept",
+                self.state.global_step, self.nonfinite_step,
+            )
+            return
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.nonfinite_step is not None and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()
+                                                        if p.is_floating_point()):
+            logger.error("Not saving to %s: the weights contain NaN/Inf (non-finite at step %d)", output_dir,
+                         self.nonfinite_step)
+            return
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        tower = getattr(self.model, "vision_tower", None)
+        if (not self.args.save_frozen_vision_weights and state_dict is None and tower is not None
+                and not any(p.requires_grad for p in tower.parameters())):
+            # frozen tower: re-loaded from vision_model_name_or_path, not copied into every checkpoint
+            state_dict = {k: v for k, v in self.model.state_dict().items() if not k.startswith("vision_tower.")}
+        super()._save(output_dir, state_dict)
+
+
+__all__ = ["MambaVLMTrainer"]

@@ -1,0 +1,200 @@
+"""MambaVLMTrainer: freeze policy per stage (TRL-style parameter diffs), optimizer groups,
+argument validation, CSV log and loss plot."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+from conftest import build_micro_config
+
+from hf_vlm import MambaVLMForConditionalGeneration
+from hf_vlm.data.encoding import load_training_dataset
+from hf_vlm.synthetic import make_synthetic_dataset
+from hf_vlm.training import (
+    MambaVLMTrainer,
+    MambaVLMTrainingArguments,
+    apply_freeze_policy,
+    describe_trainable,
+    plot_loss_curve,
+)
+
+
+@pytest.fixture(scope="module")
+def csvs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("trainer_data"))
+    return make_synthetic_dataset(root, 16, seed=0, image_size=32), make_synthetic_dataset(
+        root, 8, seed=1, image_size=32, split="eval"
+    )
+
+
+def make_args(out, **overrides):
+    kwargs = dict(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        vision_probe=False, plot_loss=False, seed=0,
+    )
+    kwargs.update(overrides)
+    return MambaVLMTrainingArguments(**kwargs)
+
+
+def make_trainer(processor, csvs, out, config_overrides=None, eval_data=False, **overrides):
+    torch.manual_seed(0)
+    model = MambaVLMForConditionalGeneration(build_micro_config(processor, **(config_overrides or {})))
+    return MambaVLMTrainer(
+        model=model,
+        args=make_args(out, **overrides),
+        train_dataset=load_training_dataset(csvs[0], processor),
+        eval_dataset=load_training_dataset(csvs[1], processor) if eval_data else None,
+        processing_class=processor,
+    )
+
+
+HIGH_LR = dict(bridge_learning_rate=1e-2, lora_learning_rate=1e-2, llm_learning_rate=1e-2)
+
+
+@pytest.mark.parametrize(
+    "overrides, trainable_parts",
+    [
+        (dict(stage="align"), {"bridge"}),
+        (dict(stage="finetune", use_lora=True), {"bridge", "lora"}),
+        (dict(stage="finetune", unfreeze_llm_layers=1), {"bridge", "llm_last_layer"}),
+    ],
+    ids=["align", "finetune-lora", "unfreeze-last-layer"],
+)
+def test_trainable_params_move_and_frozen_ones_stay_bit_identical(
+    micro_processor, csvs, tmp_path, overrides, trainable_parts
+):
+    trainer = make_trainer(micro_processor, csvs, tmp_path, **HIGH_LR, **overrides)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def part(name):
+        if name.startswith("bridge."):
+            return "bridge"
+        if "lora_" in name:
+            return "lora"
+        if ".layers.1." in name or "norm_f" in name:
+            return "llm_last_layer"
+        return "other"
+
+    assert {part(n) for n in trainable} == trainable_parts
+    trainer.train()
+    assert trainer.state.global_step == 2 and not trainer.guard_trips
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"trainable {name} did not move"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+
+
+def test_describe_trainable_rows(micro_processor, tmp_path):
+    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+    apply_freeze_policy(model, make_args(tmp_path, stage="finetune", use_lora=True))
+    rows = {r["component"]: r for r in describe_trainable(model)}
+    assert rows["vision_tower"]["status"] == "frozen" and rows["language_model"]["status"] == "frozen"
+    assert rows["bridge"]["status"] == "trainable" and rows["lora"]["status"] == "trainable"
+    assert rows["lora"]["trainable"] > 0
+
+
+def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_processor, csvs, tmp_path):
+    lrs = dict(bridge_learning_rate=1e-3, qformer_learning_rate=1e-5, lora_learning_rate=2e-5,
+               llm_learning_rate=3e-5, vision_learning_rate=4e-6)
+    trainer = make_trainer(
+        micro_processor, csvs, tmp_path, config_overrides={"bridge_type": "qformer"}, stage="finetune",
+        use_lora=True, unfreeze_llm_layers=1, unfreeze_vision_tower=True, weight_decay=0.1, **lrs,
+    )
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    expected_lr = {"bridge": 1e-3, "qformer": 1e-5, "lora": 2e-5, "language_model": 3e-5, "vision_tower": 4e-6}
+    seen = []
+    for group in optimizer.param_groups:
+        component = group["name"].removesuffix("_no_decay")
+        assert group["lr"] == expected_lr[component], group["name"]
+        decay = not group["name"].endswith("_no_decay")
+        assert group["weight_decay"] == (0.1 if decay else 0.0)
+        for p in group["params"]:
+            name = names[id(p)]
+            seen.append(name)
+            if decay:
+                assert p.ndim >= 2 and not name.endswith((".A_log", "query_tokens")), name
+            if name.endswith(".bias") or "norm" in name or name.endswith(".D"):
+                assert not decay, f"{name} must not be weight-decayed"
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable)  # every trainable tensor exactly once, no frozen one
+    assert {g["name"].removesuffix("_no_decay") for g in optimizer.param_groups} == set(expected_lr)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(fp16=True), r"state-spaces/mamba#6"),
+        (dict(stage="pretrain"), r"stage must be one of \('align', 'finetune'\)"),
+        (dict(stage="finetune", use_lora=True, lora_target_modules=["out_proj"]), r"'out_proj' is refused"),
+        (dict(stage="finetune", use_lora=True, lora_target_modules=["x_proj"]), r"bypassed on GPU"),
+        (dict(use_lora=True), r"use_lora needs stage='finetune'"),
+        (dict(guard_action="ignore"), r"guard_action must be one of \('warn', 'stop'\)"),
+        (dict(remove_unused_columns=True), r"with_transform"),
+        (dict(healthy_loss_band=[8.0, 3.0, 0.5, 1.0]), r"low <= high"),
+    ],
+)
+def test_arguments_refuse_known_bad_settings(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_argument_defaults(tmp_path):
+    args = make_args(tmp_path)
+    assert args.remove_unused_columns is False and args.report_to in ("none", [], ["none"])
+    assert args.bf16 is False  # CPU: no bf16 autocast by default
+    assert args.lora_target_modules == ["in_proj"] and args.csv_log_name == "stage2_train_log.csv"
+
+
+def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_processor, csvs, tmp_path):
+    trainer = make_trainer(micro_processor, csvs, tmp_path, activation_checkpointing=True, max_steps=1,
+                           bridge_learning_rate=1e-2, freeze_check_steps=0)
+    assert getattr(trainer.model, "_require_grads_hook", None) is not None
+    before = trainer.model.bridge.linear_1.weight.detach().clone()
+    trainer.train()
+    assert trainer.model.language_model.backbone.gradient_checkpointing
+    assert not torch.equal(before, trainer.model.bridge.linear_1.weight)
+
+
+def test_csv_log_and_loss_plot(micro_processor, csvs, tmp_path):
+    trainer = make_trainer(micro_processor, csvs, tmp_path, eval_data=True, max_steps=3, eval_strategy="steps",
+                           eval_steps=3, vision_probe=True, plot_loss=True, bridge_learning_rate=1e-3)
+    with pytest.warns(UserWarning):  # an untrained bridge: the vision probe says the model is blind
+        trainer.train()
+    with open(tmp_path / "stage2_train_log.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert 0 < float(row["supervised_fraction"]) < 1 and float(row["visual_std"]) > 0
+        assert float(row["loss"]) > 1 and "start band" in row["loss_verdict"]
+    assert float(rows[-1]["eval_loss"]) > 0 and rows[-1]["eval_vision_gap"] != ""
+
+    for png in (tmp_path / "stage2_train_log.png", plot_loss_curve(str(tmp_path / "stage2_train_log.csv"),
+                                                                    str(tmp_path / "again.png"))):
+        data = open(png, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from PIL import Image
+
+    pixels = list(Image.open(tmp_path / "again.png").convert("RGB").getdata())
+    band_green = sum(1 for r, g, b in pixels if abs(r - 213) < 6 and abs(g - 236) < 6 and abs(b - 213) < 6)
+    assert band_green > 2_000, "the target band (0.5-1.0) should be drawn"
+
+
+def test_checkpoint_can_leave_out_frozen_vision_weights(micro_processor, csvs, tmp_path):
+    from safetensors import safe_open
+
+    trainer = make_trainer(micro_processor, csvs, tmp_path, max_steps=1, save_frozen_vision_weights=False,
+                           freeze_check_steps=0)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    with safe_open(os.path.join(tmp_path, "final", "model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and not any(k.startswith("vision_tower.") for k in keys)
+    assert any(k.startswith("bridge.") for k in keys)
