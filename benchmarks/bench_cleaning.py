@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             results.append((n, report))
         same = all(o == outputs[0] for o in outputs)
         base = results[0][1].seconds
-        print(f"\n| num_proc | rows | kept | rejected | seconds | rows/s | speed-up |")
+        print("\n| num_proc | rows | kept | rejected | seconds | rows/s | speed-up |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for n, r in results:
             print(f"| {n} | {r.rows_in} | {r.kept} | {r.rejected} | {r.seconds:.1f} | {r.rows_in / r.seconds:,.0f} "

@@ -76,3 +76,48 @@ def ct_images():
 
     rng = random.Random(1)
     return [render_slice(draw_facts(rng), 32, rng) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def csvs(tmp_path_factory):
+    """Synthetic train (16 rows) and eval (8 rows) caption CSVs with 32-px slices."""
+    from hf_vlm.synthetic import make_synthetic_dataset
+
+    root = str(tmp_path_factory.mktemp("trainer_data"))
+    return make_synthetic_dataset(root, 16, seed=0, image_size=32), make_synthetic_dataset(
+        root, 8, seed=1, image_size=32, split="eval"
+    )
+
+
+def make_args(out, **overrides):
+    """Fast CPU `MambaVLMTrainingArguments` for 2-step runs; `overrides` win."""
+    from hf_vlm.training import MambaVLMTrainingArguments
+
+    kwargs = dict(
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        vision_probe=False, plot_loss=False, seed=0,
+    )
+    kwargs.update(overrides)
+    return MambaVLMTrainingArguments(**kwargs)
+
+
+def make_micro_trainer(processor, csvs, out, model=None, collator=None, eval_data=False, config_overrides=None,
+                       trainer_kwargs=None, **overrides):
+    """`MambaVLMTrainer` on a fresh micro model (seed 0) and the `csvs` data."""
+    from hf_vlm import MambaVLMForConditionalGeneration
+    from hf_vlm.data.encoding import load_training_dataset
+    from hf_vlm.training import MambaVLMTrainer
+
+    torch.manual_seed(0)
+    if model is None:
+        model = MambaVLMForConditionalGeneration(build_micro_config(processor, **(config_overrides or {})))
+    return MambaVLMTrainer(
+        model=model,
+        args=make_args(out, **overrides),
+        train_dataset=load_training_dataset(csvs[0], processor),
+        eval_dataset=load_training_dataset(csvs[1], processor) if eval_data else None,
+        processing_class=processor,
+        data_collator=collator,
+        **(trainer_kwargs or {}),
+    )

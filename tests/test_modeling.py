@@ -12,7 +12,6 @@ import torch
 from conftest import build_micro_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-import hf_vlm
 from hf_vlm import MambaVLMConfig, MambaVLMForConditionalGeneration
 
 

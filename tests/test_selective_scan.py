@@ -97,6 +97,18 @@ def test_matches_reference(dtype, rtol, atol, L, chunk, use_D, use_z, use_bias, 
     assert_close_all(got, ref, rtol, atol)
 
 
+@pytest.mark.parametrize("L,chunk", [(1, None), (17, 16), (37, 8), (40, 8)])
+def test_no_grad_path_matches_reference(L, chunk):
+    """Inference (e.g. generation prefill) keeps only two rotating states instead of all."""
+    ins = make_inputs(L)
+    args = [ins[n].detach() for n in NAMES]
+    with torch.no_grad():
+        out, last = selective_scan(*args, delta_softplus=True, return_last_state=True, chunk_size=chunk)
+    ref_out, ref_last = selective_scan_ref(*args, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(last, ref_last, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_long_sequence_large_decay_is_stable(dtype):
     """L=2048 with dt up to ~5 and A ~ -10: dt*A ~ -50 per step, ~-1e5 cumulated."""

@@ -8,48 +8,17 @@ import os
 
 import pytest
 import torch
-from conftest import build_micro_config
+from conftest import build_micro_config, make_args, make_micro_trainer
 
 from hf_vlm import MambaVLMForConditionalGeneration
-from hf_vlm.data.encoding import load_training_dataset
-from hf_vlm.synthetic import make_synthetic_dataset
 from hf_vlm.training import (
-    MambaVLMTrainer,
-    MambaVLMTrainingArguments,
     apply_freeze_policy,
     describe_trainable,
     plot_loss_curve,
 )
 
 
-@pytest.fixture(scope="module")
-def csvs(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("trainer_data"))
-    return make_synthetic_dataset(root, 16, seed=0, image_size=32), make_synthetic_dataset(
-        root, 8, seed=1, image_size=32, split="eval"
-    )
-
-
-def make_args(out, **overrides):
-    kwargs = dict(
-        output_dir=str(out), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-        vision_probe=False, plot_loss=False, seed=0,
-    )
-    kwargs.update(overrides)
-    return MambaVLMTrainingArguments(**kwargs)
-
-
-def make_trainer(processor, csvs, out, config_overrides=None, eval_data=False, **overrides):
-    torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(processor, **(config_overrides or {})))
-    return MambaVLMTrainer(
-        model=model,
-        args=make_args(out, **overrides),
-        train_dataset=load_training_dataset(csvs[0], processor),
-        eval_dataset=load_training_dataset(csvs[1], processor) if eval_data else None,
-        processing_class=processor,
-    )
+make_trainer = make_micro_trainer
 
 
 HIGH_LR = dict(bridge_learning_rate=1e-2, lora_learning_rate=1e-2, llm_learning_rate=1e-2)

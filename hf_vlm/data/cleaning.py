@@ -14,20 +14,18 @@ need the whole table, so they run afterwards on plain columns in ``row_id`` orde
 
 from __future__ import annotations
 
-import codecs
-import csv
 import os
 import random
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Optional
 
 from . import text_cleaning as tc
-from .text_cleaning import detect_encoding
+from .caption_io import CleaningReport, load_table, write_csv
 from .images import ImageLoadError, load_volume_slices, resolve_image_path, split_image_paths
 
 # reason -> meaning, in the order the checks run (one reason per row: the first that fails).
@@ -95,86 +93,6 @@ class CleaningConfig:
             raise ValueError("max_normal_fraction and near_duplicate_threshold must be in (0, 1]")
         if self.num_proc < 1:
             raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
-
-
-@dataclass
-class CleaningReport:
-    input_path: str
-    encoding: str
-    rows_in: int
-    kept: int
-    rejected: int
-    reasons: dict = field(default_factory=dict)
-    fixes: dict = field(default_factory=dict)
-    clean_path: str = ""
-    rejects_path: str = ""
-    seconds: float = 0.0
-
-    def table(self) -> str:
-        lines = [f"Caption cleaning: {self.input_path} (encoding: {self.encoding}, {self.seconds:.1f} s)",
-                 f"  {'rows in':<28}{self.rows_in:>9}", f"  {'kept':<28}{self.kept:>9}",
-                 f"  {'rejected':<28}{self.rejected:>9}"]
-        lines += [f"    {r:<26}{n:>9}" for r, n in self.reasons.items() if n]
-        if any(self.fixes.values()):
-            lines.append("  repaired in kept rows")
-            lines += [f"    {k:<26}{n:>9}" for k, n in self.fixes.items() if n]
-        lines += [f"  clean   -> {self.clean_path}", f"  rejects -> {self.rejects_path}"]
-        return "\n".join(lines)
-
-    __str__ = table
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _scan_csv(path: Path, encoding: str, errors: str, sep: str) -> tuple[list[str], int]:
-    """Header and record count, checked independently of pandas: a row with more fields than
-    the header (an unquoted comma in a caption) would otherwise shift columns or vanish."""
-    csv.field_size_limit(2**31 - 1)
-    with open(path, encoding=encoding, errors=errors, newline="") as f:
-        reader = csv.reader(f, delimiter=sep)
-        header, records = next(reader, None), 0
-        if not header:
-            raise ValueError(f"{path}: the file is empty (no header row)")
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line: pandas skips it too
-            if len(row) > len(header):
-                raise ValueError(f"{path}: row_id {records} (line {reader.line_num}) has {len(row)} fields but the "
-                                 f"header has {len(header)}: {sep.join(row)[:60]!r}. Quote captions containing {sep!r}.")
-            records += 1
-    return header, records
-
-
-def _load_table(path: Path, cfg: CleaningConfig, cache_dir: str):
-    import datasets
-    import pandas as pd
-
-    if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
-        sheet = cfg.sheet if cfg.sheet is not None else 0
-        sheet = int(sheet) if isinstance(sheet, str) and sheet.isdigit() else sheet
-        df = pd.read_excel(path, sheet_name=sheet, dtype=str, keep_default_na=False).fillna("")
-        df.columns = [str(c) for c in df.columns]
-        return datasets.Dataset.from_pandas(df, preserve_index=False), "excel"
-    encoding, errors = (cfg.encoding, "strict") if cfg.encoding else detect_encoding(path)
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    header, records = _scan_csv(path, encoding, errors, sep)
-    names, seen = [], {}
-    for name in header:  # pandas-style de-duplication of repeated column names: a, a.1
-        names.append(f"{name}.{seen[name]}" if name in seen else name)
-        seen[name] = seen.get(name, 0) + 1
-    features = datasets.Features({n: datasets.Value("string") for n in names})
-    try:
-        ds = datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=cache_dir, sep=sep,
-                                   encoding=encoding, encoding_errors=errors, column_names=names, header=0,
-                                   features=features, keep_default_na=False, na_filter=False)
-    except Exception as e:  # datasets wraps the pandas ParserError; show the cause, not 40 frames
-        cause = e.__cause__ or e
-        raise ValueError(f"{path}: cannot parse as CSV ({type(cause).__name__}: {cause}). A caption with "
-                         f"commas or line breaks must be quoted.") from e
-    if len(ds) != records:
-        raise RuntimeError(f"{path}: pandas read {len(ds)} rows but the file has {records} records")
-    return ds, encoding + (" (undecodable bytes replaced)" if errors == "replace" else "")
 
 
 def _find_column(columns: list[str], wanted: str, kind: str, required: bool) -> Optional[str]:
@@ -311,13 +229,6 @@ def _rejected(reasons: list[str]) -> list[bool]:
     return [bool(r) for r in reasons]
 
 
-def _write_csv(ds, path: Path, columns: list[str]) -> None:
-    """utf-8 with BOM so Excel on Windows shows Chinese (datasets' to_csv writes plain utf-8)."""
-    with open(path, "wb") as f:
-        f.write(codecs.BOM_UTF8)
-        ds.select_columns(columns).to_csv(f, index=False)
-
-
 def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike | None = None,
                    config: CleaningConfig | None = None, *, verbose: bool = True) -> CleaningReport:
     """Clean one caption CSV/Excel into ``<stem>_clean.csv`` + ``<stem>_rejects.csv``."""
@@ -325,7 +236,7 @@ def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike 
     out_dir = Path(output_dir) if output_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hf_vlm_clean_", ignore_cleanup_errors=True) as tmp:
-        ds, encoding = _load_table(path, cfg, tmp)
+        ds, encoding = load_table(path, cfg, tmp)
         columns = list(ds.column_names)
         image_col = _find_column(columns, cfg.image_column, "image", True)
         text_col = _find_column(columns, cfg.text_column, "text", True)
@@ -351,9 +262,9 @@ def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike 
         if len(kept) + len(rejected) != len(ds):
             raise RuntimeError(f"row accounting failed: {len(ds)} rows in, {len(kept)} kept + {len(rejected)} rejected")
         clean_path, rejects_path = out_dir / f"{path.stem}_clean.csv", out_dir / f"{path.stem}_rejects.csv"
-        _write_csv(kept, clean_path, ["row_id", "image_path", "prompt", "caption", *extras, "fixes"])
+        write_csv(kept, clean_path, ["row_id", "image_path", "prompt", "caption", *extras, "fixes"])
         rejected = rejected.rename_columns({"caption": "caption_cleaned", "caption_raw": "caption"})
-        _write_csv(rejected, rejects_path, ["row_id", "reason", "detail", "image_path", "prompt", "caption",
+        write_csv(rejected, rejects_path, ["row_id", "reason", "detail", "image_path", "prompt", "caption",
                                             "caption_cleaned", *extras])
         counts = {r: 0 for r in REASONS}
         for r in reasons:

@@ -62,22 +62,24 @@ def _chunk_states(dt_c, w_c, b_c, a2, h0, a_buf, h_buf):
     return a, h
 
 
-def _scan_fwd(dt_t, u_t, b_t, c_t, a2, T):
+def _scan_fwd(dt_t, u_t, b_t, c_t, a2, T, keep_states):
     """Chunked forward. Returns y (L, B, D) = C . h and the states entering each chunk
-    (K + 1, B, N, D), the last entry being the final state."""
+    (K + 1, B, N, D), the last entry being the final state; without ``keep_states``
+    (no backward will run) only two rotating states (2, B, N, D), the final one last."""
     L, Bsz, Dd = dt_t.shape
     N = a2.shape[0]
     K = (L + T - 1) // T
-    states = dt_t.new_zeros(K + 1, Bsz, N, Dd)
+    states = dt_t.new_zeros(K + 1 if keep_states else 2, Bsz, N, Dd)
     y_t = dt_t.new_empty(L, Bsz, Dd)
     a_buf, h_buf = dt_t.new_empty(T, Bsz, N, Dd), dt_t.new_empty(T, Bsz, N, Dd)
     for k in range(K):
         s, e = k * T, min(L, (k + 1) * T)
         TB = (e - s) * Bsz
         w_c = dt_t[s:e] * u_t[s:e]  # (T, B, D)
-        _, h = _chunk_states(dt_t[s:e], w_c, b_t[s:e], a2, states[k], a_buf, h_buf)
+        i, j = (k, k + 1) if keep_states else ((K - k + 1) % 2, (K - k) % 2)  # ends on states[1]
+        _, h = _chunk_states(dt_t[s:e], w_c, b_t[s:e], a2, states[i], a_buf, h_buf)
         torch.bmm(c_t[s:e].view(TB, 1, N), h.view(TB, N, Dd), out=y_t[s:e].view(TB, 1, Dd))
-        states[k + 1].copy_(h[-1])
+        states[j].copy_(h[-1])
     return y_t, states
 
 
@@ -129,7 +131,7 @@ class _SelectiveScanFn(torch.autograd.Function):
     (autograd accepts any strides), which saves a transposing copy per gradient."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, need_grad):
         cd = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
         Bsz, Dd, L = u.shape
         T = chunk or default_chunk_size(L, Bsz * Dd, A.shape[1])
@@ -141,12 +143,14 @@ class _SelectiveScanFn(torch.autograd.Function):
         u_t = _time_major(u, cd)  # (L, B, D)
         b_t, c_t = _time_major(B, cd), _time_major(C, cd)  # (L, B, N)
         a2 = (A.to(cd) * _LOG2E).t().contiguous()  # (N, D)
-        y_t, states = _scan_fwd(dt_t, u_t, b_t, c_t, a2, T)  # (L, B, D)
+        y_t, states = _scan_fwd(dt_t, u_t, b_t, c_t, a2, T, need_grad)  # (L, B, D)
         if D is not None:
             y_t.addcmul_(u_t, D.to(cd))
+        if need_grad:
+            ctx.save_for_backward(dt_t, u_t, A, B, C, D, z, states[:-1])
+        del dt_t, u_t  # without a backward, free them before the output copy
         if z is not None:
-            y_t.mul_(F.silu(_time_major(z, cd)))
-        ctx.save_for_backward(dt_t, u_t, A, B, C, D, z, states[:-1])
+            y_t.mul_(F.silu(_time_major(z, cd), inplace=True))
         bias_dtype = None if delta_bias is None else delta_bias.dtype
         ctx.cfg = (delta_softplus, T, cd, u.dtype, delta.dtype, bias_dtype)
         ctx.set_materialize_grads(False)
@@ -200,6 +204,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             g_bias,
             None,
             None,
+            None,
         )
 
 
@@ -213,9 +218,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     if B.dim() != 3 or C.dim() != 3:
         raise ValueError("selective_scan supports input-dependent B and C of shape (B, N, L) only")
-    out, last = _SelectiveScanFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), chunk_size
-    )
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, last = _SelectiveScanFn.apply(*tensors, bool(delta_softplus), chunk_size, need_grad)
     return (out, last) if return_last_state else out
 
 
