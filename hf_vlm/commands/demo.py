@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_eval", type=int, default=100, help="held-out studies to generate reports for")
     parser.add_argument("--lm_steps", type=int, default=150, help="Stage 0 text-only LM pretraining steps")
     parser.add_argument("--align_steps", type=int, default=100, help="Stage 1 steps: bridge only")
-    parser.add_argument("--finetune_steps", type=int, default=400, help="Stage 2 steps: bridge + LLM")
+    parser.add_argument("--finetune_steps", type=int, default=800, help="Stage 2 steps: bridge + LLM")
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate of both stages")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
