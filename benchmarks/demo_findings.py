@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     final = os.path.join(args.demo_dir, "final")
-    eval_csv = os.path.join(args.demo_dir, "data", "eval.csv")
+    eval_csv = os.path.join(args.demo_dir, "assets", "data", "eval.csv")  # hf-vlm demo layout
     if not os.path.isdir(final):
         if not args.run_demo:
             print(f"{final}: no demo checkpoint; run `hf-vlm demo --output_dir {args.demo_dir}` or pass --run_demo",

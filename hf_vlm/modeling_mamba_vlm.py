@@ -246,6 +246,17 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
 
     # --- building from real checkpoints -----------------------------------------------------
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, vision_model_name_or_path: str | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus re-attaching a frozen vision tower that the
+        checkpoint left out (`save_frozen_vision_weights: false`), so no load path ends up with
+        a randomly initialised tower."""
+        from .loading import reattach_vision_tower
+
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        reattach_vision_tower(model, str(pretrained_model_name_or_path), vision_model_name_or_path)
+        return model
+
+    @classmethod
     def from_components(
         cls,
         vision_model: str | nn.Module,

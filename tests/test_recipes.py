@@ -218,6 +218,11 @@ def test_checkpoint_without_the_frozen_tower_round_trips(tmp_path, micro_process
             assert torch.equal(value, original[name]), name
     pixel = torch.randn(1, 3, 32, 32)
     assert torch.equal(loaded.get_image_features(pixel), model.get_image_features(pixel))
+    # every load path re-attaches it, the Auto classes included (never a random tower in silence)
+    from transformers import AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert torch.equal(auto.get_image_features(pixel), model.get_image_features(pixel))
 
     (out / "hf_vlm_checkpoint.json").unlink()  # no record: detected from the weights, source must be given
     assert read_checkpoint_info(str(out))["vision_tower_weights"] == "external"

@@ -20,8 +20,7 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_INFO = "hf_vlm_checkpoint.json"
-VISION_PREFIX = "vision_tower."
+from ..loading import CHECKPOINT_INFO, VISION_PREFIX, read_checkpoint_info, weight_names  # noqa: F401
 _PEFT_PREFIX = "language_model.base_model.model."
 
 
@@ -60,31 +59,6 @@ def write_checkpoint_info(path: str, *, tower_saved: bool, vision_model_name_or_
         json.dump(info, handle, indent=2)
 
 
-def _weight_names(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            return list(json.load(handle)["weight_map"])
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, "pt") as handle:
-            return list(handle.keys())
-    return []
-
-
-def read_checkpoint_info(path: str) -> dict:
-    """The recorded info, or (no record) whether the weights hold any `vision_tower.*` tensor."""
-    file = os.path.join(path, CHECKPOINT_INFO)
-    if os.path.isfile(file):
-        with open(file, encoding="utf-8") as handle:
-            return json.load(handle)
-    names = _weight_names(path)
-    tower = not names or any(n.startswith(VISION_PREFIX) for n in names)
-    return {"vision_tower_weights": "included" if tower else "external", "vision_model_name_or_path": None}
-
-
 class CheckpointInfoCallback(TrainerCallback):
     """Writes hf_vlm_checkpoint.json into every `checkpoint-N` the Trainer saves (main process)."""
 
@@ -103,16 +77,17 @@ def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = No
 
     The tower source is `vision_model_name_or_path` if given, else the one recorded at save time.
     """
-    from ..loading import disable_cpu_4bit_packing, load_vision_tower
+    from ..loading import disable_cpu_4bit_packing
     from ..modeling_mamba_vlm import MambaVLMForConditionalGeneration
 
-    info = read_checkpoint_info(path)
-    if any(name.startswith(_PEFT_PREFIX) for name in _weight_names(path)):
+    if any(name.startswith(_PEFT_PREFIX) for name in weight_names(path)):
         raise ValueError(
             f"{path} holds the LLM in peft's training form (LoRA adapters not merged): it is meant for "
             "resume_from_checkpoint. Load the run's final output_dir instead (LoRA merged there)."
         )
-    model = MambaVLMForConditionalGeneration.from_pretrained(path, **kwargs)
+    # from_pretrained re-attaches a tower that the checkpoint left out (see hf_vlm.loading)
+    model = MambaVLMForConditionalGeneration.from_pretrained(path, vision_model_name_or_path=vision_model_name_or_path,
+                                                             **kwargs)
     if quantization_config is not None:
         # quantise only the LLM (as `from_components` does): the VLM itself stays a plain model,
         # so the tower and bridge keep full precision and the Trainer sees LLM-level quantisation only
@@ -124,17 +99,6 @@ def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = No
         )
         del llm
         disable_cpu_4bit_packing(model.language_model)  # keep 4-bit layers on the path that has a backward
-    if info.get("vision_tower_weights") == "external":
-        source = vision_model_name_or_path or info.get("vision_model_name_or_path")
-        if not source:
-            raise ValueError(f"{path} was saved without its vision tower and records no source: "
-                             "set vision_model_name_or_path")
-        dtype = next(model.bridge.parameters()).dtype
-        tower = load_vision_tower(source, dtype=dtype)
-        missing, unexpected = model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
-        if unexpected or [k for k in missing if "pooler" not in k]:
-            model.vision_tower = tower  # different head layout: take the loaded module as is
-        logger.info("Vision tower re-attached from %s (the checkpoint stores only bridge + LLM)", source)
     return model
 
 
