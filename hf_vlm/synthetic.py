@@ -82,7 +82,7 @@ def make_synthetic_dataset(out_dir: str, n: int, seed: int = 0, image_size: int 
         writer.writerow(["image_path", "prompt", "caption", "side", "lobe", "size_mm"])
         for i in range(n):
             facts = draw_facts(rng)
-            path = os.path.join(image_dir, f"{split}_{i:05d}.png")
+            path = os.path.abspath(os.path.join(image_dir, f"{split}_{i:05d}.png"))
             render_slice(facts, image_size, rng).save(path)
             writer.writerow([path, DEFAULT_PROMPT, write_report(facts, rng), *facts.as_tuple()])
     return csv_path
