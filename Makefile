@@ -28,7 +28,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_scan.py --quick
+	$(BIN)/python -m pip install -e ".[bench]"
+	$(BIN)/python benchmarks/bench_scan.py --threads 1 --reps 3
 
 clean-venv:
 	rm -rf $(VENV)

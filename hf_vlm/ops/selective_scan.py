@@ -8,7 +8,8 @@ backward grows quadratically with ``L`` (DESIGN.md section 3). Here the recurren
 
 runs chunk by chunk inside a custom ``autograd.Function``:
 
-* forward keeps only the state at each chunk boundary (``(K, B, N, D)``, K = L / T);
+* forward keeps only the state at each chunk boundary (``(K, B, N, D)``, K = L / T) and
+  time-major copies of dt and u (O(B*D*L)); under ``no_grad`` not even those;
 * backward walks the chunks in reverse, recomputes the chunk's decays and states from the
   stored boundary state, runs the adjoint recurrence and reduces every gradient at once
   with batched matmuls, so no ``(B, D, L, N)`` tensor ever exists;
@@ -214,7 +215,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,).
     Returns ``out`` (B, D, L) in u's dtype, and with ``return_last_state`` also the final
-    state (B, D, N) in the compute dtype (fp32, or fp64 for fp64 inputs).
+    state (B, D, N) in the compute dtype (fp32, or fp64 for fp64 inputs). ``chunk_size``
+    overrides :func:`default_chunk_size` (tests use it to hit odd chunk boundaries).
     """
     if B.dim() != 3 or C.dim() != 3:
         raise ValueError("selective_scan supports input-dependent B and C of shape (B, N, L) only")
