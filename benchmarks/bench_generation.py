@@ -27,31 +27,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from transformers import MambaConfig, ViTImageProcessorPil  # noqa: E402
 
-from hf_vlm import MambaVLMConfig, MambaVLMForConditionalGeneration, MambaVLMProcessor  # noqa: E402
-from hf_vlm.presets import tiny_vision_config  # noqa: E402
-from hf_vlm.synthetic import DEFAULT_PROMPT, draw_facts, render_slice, write_report  # noqa: E402
-from hf_vlm.tokenization import train_report_tokenizer  # noqa: E402
+from hf_vlm.synthetic import draw_facts, render_slice  # noqa: E402
+from _tiny_vlm import build_tiny_vlm  # noqa: E402
 
 
 def build(hidden: int, layers: int):
-    """Tiny ViT (64 px) + 16 visual tokens + a Mamba LLM of `hidden` x `layers`."""
+    """Tiny ViT (64 px) + 16 visual tokens + a Mamba LLM of `hidden` x `layers`, and one prompt."""
     rng = random.Random(0)
-    tokenizer = train_report_tokenizer([write_report(draw_facts(rng), rng) for _ in range(300)]
-                                       + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600)
-    vision = tiny_vision_config("tiny")
-    processor = MambaVLMProcessor(ViTImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size}),
-                                  tokenizer, max_visual_tokens=16)
-    text = MambaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, state_size=16,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    config = MambaVLMConfig(vision_config=vision, text_config=text, max_visual_tokens=16,
-                            image_token_id=processor.image_token_id)
-    model = MambaVLMForConditionalGeneration(config).eval()
-    inputs = processor(images=[[render_slice(draw_facts(rng), vision.image_size, rng)]], text=[None])
-    return model, processor, inputs
+    model, processor, _ = build_tiny_vlm(hidden, layers, rng)
+    size = model.config.vision_config.image_size
+    inputs = processor(images=[[render_slice(draw_facts(rng), size, rng)]], text=[None])
+    return model.eval(), processor, inputs
 
 
 def timed_generate(model, inputs, new_tokens: int, use_cache: bool, pad_id: int):

@@ -33,13 +33,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import MambaConfig, Trainer, TrainerCallback, ViTImageProcessorPil  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from hf_vlm import MambaVLMConfig, MambaVLMForConditionalGeneration, MambaVLMProcessor  # noqa: E402
 from hf_vlm.data.collator import DataCollatorForMambaVLM  # noqa: E402
-from hf_vlm.presets import tiny_vision_config  # noqa: E402
-from hf_vlm.synthetic import DEFAULT_PROMPT, draw_facts, render_slice, write_report  # noqa: E402
-from hf_vlm.tokenization import train_report_tokenizer  # noqa: E402
+from hf_vlm.synthetic import draw_facts, render_slice  # noqa: E402
+from _tiny_vlm import build_tiny_vlm  # noqa: E402
 from hf_vlm.training.arguments import MambaVLMTrainingArguments  # noqa: E402
 from hf_vlm.training.freeze import apply_freeze_policy  # noqa: E402
 from hf_vlm.training.trainer import MambaVLMTrainer  # noqa: E402
@@ -59,18 +57,9 @@ class StepClock(TrainerCallback):
 
 def build(hidden: int, layers: int):
     rng = random.Random(0)
-    reports = [write_report(draw_facts(rng), rng) for _ in range(300)]
-    tokenizer = train_report_tokenizer(reports + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600)
-    vision = tiny_vision_config("tiny")
-    processor = MambaVLMProcessor(ViTImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size}),
-                                  tokenizer, max_visual_tokens=16)
-    text = MambaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, state_size=16,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(MambaVLMConfig(
-        vision_config=vision, text_config=text, max_visual_tokens=16, image_token_id=processor.image_token_id))
-    rows = [processor.encode_example([render_slice(draw_facts(rng), vision.image_size, rng)], None,
+    model, processor, reports = build_tiny_vlm(hidden, layers, rng)
+    size = model.config.vision_config.image_size
+    rows = [processor.encode_example([render_slice(draw_facts(rng), size, rng)], None,
                                      "".join(reports[8 * i: 8 * i + 8])) for i in range(BATCH)]
     return model, processor, rows
 

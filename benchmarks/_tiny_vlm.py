@@ -1,0 +1,33 @@
+"""Shared by the generation and training-step benchmarks: a tiny ViT + a Mamba LLM of chosen size.
+
+The tokenizer is trained locally on synthetic reports (no network); the vision tower is the
+`tiny` preset (64 px, 16 visual tokens), so the LLM width/depth is what the benchmarks vary.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import MambaConfig, ViTImageProcessorPil
+
+from hf_vlm import MambaVLMConfig, MambaVLMForConditionalGeneration, MambaVLMProcessor
+from hf_vlm.presets import tiny_vision_config
+from hf_vlm.synthetic import DEFAULT_PROMPT, draw_facts, write_report
+from hf_vlm.tokenization import train_report_tokenizer
+
+
+def build_tiny_vlm(hidden: int, layers: int, rng: random.Random):
+    """(model, processor, reports): `reports` are the synthetic texts the tokenizer was trained on."""
+    reports = [write_report(draw_facts(rng), rng) for _ in range(300)]
+    tokenizer = train_report_tokenizer(reports + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600)
+    vision = tiny_vision_config("tiny")
+    processor = MambaVLMProcessor(ViTImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size}),
+                                  tokenizer, max_visual_tokens=16)
+    text = MambaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, state_size=16,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = MambaVLMForConditionalGeneration(MambaVLMConfig(
+        vision_config=vision, text_config=text, max_visual_tokens=16, image_token_id=processor.image_token_id))
+    return model, processor, reports
