@@ -48,9 +48,11 @@ def read_training_settings(checkpoint: str) -> dict[str, Any]:
     """Settings recorded in a checkpoint that inference must reproduce.
 
     `max_visual_tokens` comes from config.json and must agree with processor_config.json;
-    `llm_8bit` is true when the LLM's config carries a bitsandbytes 8-bit config.
+    `llm_8bit` is true when the LLM's config carries a bitsandbytes 8-bit config, or when the
+    trainer recorded an 8-bit LLM in hf_vlm_checkpoint.json (its export de-quantises the weights).
     """
     from . import MambaVLMConfig, MambaVLMProcessor
+    from .loading import read_checkpoint_info
 
     config = MambaVLMConfig.from_pretrained(checkpoint)
     processor = MambaVLMProcessor.from_pretrained(checkpoint)
@@ -59,7 +61,8 @@ def read_training_settings(checkpoint: str) -> dict[str, Any]:
             f"{checkpoint} is inconsistent: config.json has max_visual_tokens={config.max_visual_tokens} but "
             f"processor_config.json has {processor.max_visual_tokens}; save model and processor from the same run"
         )
-    return {"max_visual_tokens": int(config.max_visual_tokens), "llm_8bit": _uses_8bit(config)}
+    trained_8bit = read_checkpoint_info(checkpoint).get("trained_llm_quantization") == "8bit"
+    return {"max_visual_tokens": int(config.max_visual_tokens), "llm_8bit": _uses_8bit(config) or trained_8bit}
 
 
 def check_settings(trained: dict[str, Any], requested: dict[str, Any], checkpoint: str = "the checkpoint") -> dict:

@@ -135,6 +135,9 @@ def test_two_stages_chain_through_init_from_with_lora_on_an_8bit_llm(tmp_path, m
     assert result["global_step"] == 2 and (stage2 / "llm_adapter" / "adapter_config.json").exists()
     info = json.loads((stage2 / "hf_vlm_checkpoint.json").read_text(encoding="utf-8"))
     assert info["lora_merged"] and info["trained_llm_quantization"] == "8bit"
+    from hf_vlm.inference import read_training_settings
+
+    assert read_training_settings(str(stage2))["llm_8bit"]  # generate/serve default to the training setting
     model = load_vlm_checkpoint(str(stage2))  # plain names, fp32, tower re-attached
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any("lora_" in name for name, _ in model.named_parameters())
