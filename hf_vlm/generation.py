@@ -28,13 +28,13 @@ def generate_reports(
     from .inference import generate_batch
 
     prompts = list(prompts) if prompts is not None else [None] * len(images)
-    generate_kwargs.setdefault("max_new_tokens", 64)
-    generate_kwargs.setdefault("do_sample", False)
     was_training = model.training
     model.eval()
     reports: list[str] = []
-    for start in tqdm(range(0, len(images), batch_size), desc="generate", disable=not progress):
-        stop = start + batch_size
-        reports.extend(generate_batch(model, processor, images[start:stop], prompts[start:stop], **generate_kwargs))
-    model.train(was_training)
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="generate", disable=not progress):
+            stop = start + batch_size
+            reports.extend(generate_batch(model, processor, images[start:stop], prompts[start:stop], **generate_kwargs))
+    finally:
+        model.train(was_training)
     return reports

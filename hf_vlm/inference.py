@@ -9,8 +9,8 @@ instead of a silent difference.
 Two generation facts handled here:
 - beam search works with Mamba's recurrent cache (transformers reorders it with
   `reorder_cache`), but `generate` expands `pixel_values` image by image, which pairs the
-  wrong images with the beams when a study has several images. Such batches are embedded
-  first and generated from `inputs_embeds`, which expand row by row.
+  wrong images with the beams when a study has several images; the model's
+  `_expand_inputs_for_generation` repeats the images study by study instead.
 - an 8-bit checkpoint records its bitsandbytes config in `text_config`, and transformers
   applies that skip list to the *whole* model, quantising the vision tower and the bridge
   too (their fp32 weights then fail with "'Parameter' object has no attribute 'CB'"). The
@@ -44,7 +44,7 @@ def _uses_8bit(config) -> bool:
     return False
 
 
-def read_training_settings(checkpoint: str) -> dict[str, Any]:
+def read_training_settings(checkpoint: str, config=None, processor=None) -> dict[str, Any]:
     """Settings recorded in a checkpoint that inference must reproduce.
 
     `max_visual_tokens` comes from config.json and must agree with processor_config.json;
@@ -54,8 +54,8 @@ def read_training_settings(checkpoint: str) -> dict[str, Any]:
     from . import MambaVLMConfig, MambaVLMProcessor
     from .loading import read_checkpoint_info
 
-    config = MambaVLMConfig.from_pretrained(checkpoint)
-    processor = MambaVLMProcessor.from_pretrained(checkpoint)
+    config = config if config is not None else MambaVLMConfig.from_pretrained(checkpoint)
+    processor = processor if processor is not None else MambaVLMProcessor.from_pretrained(checkpoint)
     if processor.max_visual_tokens != config.max_visual_tokens:
         raise SettingsMismatchError(
             f"{checkpoint} is inconsistent: config.json has max_visual_tokens={config.max_visual_tokens} but "
@@ -115,10 +115,11 @@ def load_for_inference(
     from . import MambaVLMConfig, MambaVLMForConditionalGeneration, MambaVLMProcessor
     from .loading import MAMBA_INT8_SKIP_MODULES
 
-    trained = read_training_settings(checkpoint)
+    config = MambaVLMConfig.from_pretrained(checkpoint)
+    processor = MambaVLMProcessor.from_pretrained(checkpoint)
+    trained = read_training_settings(checkpoint, config, processor)
     settings = check_settings(trained, {"max_visual_tokens": max_visual_tokens, "llm_8bit": llm_8bit}, checkpoint)
     target = pick_device(device)
-    config = MambaVLMConfig.from_pretrained(checkpoint)
     kwargs: dict[str, Any] = {"config": config}
     if settings["llm_8bit"]:
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=MAMBA_INT8_SKIP_MODULES + FULL_PRECISION_MODULES)
@@ -131,7 +132,6 @@ def load_for_inference(
     if not settings["llm_8bit"]:
         model.to(target)
     model.eval()
-    processor = MambaVLMProcessor.from_pretrained(checkpoint)
     logger.info("Loaded %s on %s (max_visual_tokens=%d, llm_8bit=%s)", checkpoint, target,
                 settings["max_visual_tokens"], settings["llm_8bit"])
     return model, processor, settings
@@ -175,9 +175,7 @@ def generate_batch(model, processor, images: Sequence[Sequence], prompts: Sequen
         generate_kwargs.setdefault("suppress_tokens", [processor.image_token_id])
     expand = max(int(generate_kwargs.get("num_beams") or 1), int(generate_kwargs.get("num_return_sequences") or 1))
     inputs = processor(images=[list(group) for group in images], text=list(prompts))
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.vision_tower.parameters()).dtype)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}  # the model casts pixels to the tower dtype
     try:
         output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
     except ValueError as exc:

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom", ".nii", ".nii.gz")
+from ..data.images import IMAGE_SUFFIXES
 FIELDS = ("image_path", "prompt", "report", "error")
 
 

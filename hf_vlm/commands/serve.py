@@ -15,7 +15,9 @@ import argparse
 import os
 import threading
 
-DICOM_TYPES = [".dcm", ".dicom", ".nii", ".gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"]
+from ..data.images import IMAGE_SUFFIXES
+
+DICOM_TYPES = [*IMAGE_SUFFIXES, ".gz"]  # ".gz": upload widgets match the last suffix of .nii.gz
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

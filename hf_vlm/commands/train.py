@@ -144,16 +144,14 @@ def build_trainer(run: PreparedRun, callbacks=None):
 
 def report_eval_callbacks(run: PreparedRun) -> list:
     """Generation metrics (findings-F1, CIDEr-D, BLEU, repetition) and sample reports at every evaluation."""
-    from ..data.dataset import load_caption_dataset, with_image_transform
+    from ..data.dataset import with_image_transform
     from ..training.report_eval import ReportEvalCallback, select_eval_rows
 
     data_args, args = run.data_args, run.training_args
-    if not data_args.eval_file or data_args.eval_samples <= 0 or args.eval_strategy == "no":
+    if run.eval_dataset is None or data_args.eval_samples <= 0 or args.eval_strategy == "no":
         return []
-    rows = with_image_transform(
-        load_caption_dataset(data_args.eval_file, image_root=data_args.image_root, path_map=data_args.path_map_spec),
-        max_slices=data_args.max_slices,
-    )
+    # the eval CSV is already loaded with its paths resolved: only swap the transform to decoded rows
+    rows = with_image_transform(run.eval_dataset, max_slices=data_args.max_slices)
     return [ReportEvalCallback(select_eval_rows(rows, data_args.eval_samples, seed=args.seed), run.processor)]
 
 

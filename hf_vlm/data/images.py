@@ -23,6 +23,8 @@ from PIL import Image, ImageOps
 
 WINDOW_PRESETS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+# every file suffix `load_images` reads (folder scans in `hf-vlm generate`, uploads in `hf-vlm serve`)
+IMAGE_SUFFIXES = (*sorted(_RASTER_SUFFIXES), ".dcm", ".dicom", ".nii", ".nii.gz")
 PathMap = Optional[Union[str, Sequence[Tuple[str, str]], Dict[str, str]]]
 
 

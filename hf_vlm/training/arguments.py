@@ -118,9 +118,9 @@ class DataArguments:
             raise ValueError(f"max_slices must be >= 1, got {self.max_slices}")
         if self.eval_samples < 0:
             raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
-        for item in self.path_map or []:
-            if "=" not in item:
-                raise ValueError(f"path_map entries look like 'OLD=NEW', got {item!r}")
+        from ..data.images import parse_path_map
+
+        parse_path_map(self.path_map_spec)  # the same check that runs when images are loaded
 
 
 def _bf16_available() -> bool:

@@ -85,19 +85,11 @@ class ReportEvalCallback(TrainerCallback):
         self.last_reports: list[str] = []
 
     def generate(self, model) -> list[str]:
-        from ..inference import generate_batch
+        from ..generation import generate_reports
 
-        was_training = model.training
-        model.eval()
-        reports: list[str] = []
-        try:
-            for start in range(0, len(self.eval_rows), self.batch_size):
-                chunk = self.eval_rows[start:start + self.batch_size]
-                reports += generate_batch(model, self.processor, [r["images"] for r in chunk],
-                                          [r.get("prompt") or None for r in chunk], **dict(self.generate_kwargs))
-        finally:
-            model.train(was_training)
-        return reports
+        return generate_reports(model, self.processor, [r["images"] for r in self.eval_rows],
+                                [r.get("prompt") or None for r in self.eval_rows], batch_size=self.batch_size,
+                                **self.generate_kwargs)
 
     def score(self, reports: list[str]) -> dict[str, float]:
         """`eval_`-prefixed numeric report metrics plus the combined best-model key."""
