@@ -1,8 +1,9 @@
 """Checkpoints: optionally without the frozen vision tower, and exported as a plain VLM.
 
 * `save_frozen_vision_weights: false` leaves the frozen tower (1.2 GB for CLIP-L) out of every
-  checkpoint; `hf_vlm_checkpoint.json` records where it comes from and `load_vlm_checkpoint`
-  re-attaches it, so such a checkpoint still loads in one call.
+  checkpoint; `hf_vlm_checkpoint.json` records where it comes from and the model's own
+  `from_pretrained` re-attaches it (`hf_vlm.loading.reattach_vision_tower`), so such a
+  checkpoint still loads in one call, through the Auto classes too.
 * `export_plain_model` folds LoRA adapters into the LLM (and de-quantises 8-bit layers) before
   the final save: peft's wrapped parameter names (`language_model.base_model.model...`) would
   otherwise make the final checkpoint unloadable by `from_pretrained`, by generation and by the
@@ -18,9 +19,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..loading import CHECKPOINT_INFO, VISION_PREFIX, read_checkpoint_info, weight_names  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
-from ..loading import CHECKPOINT_INFO, VISION_PREFIX, read_checkpoint_info, weight_names  # noqa: F401
 _PEFT_PREFIX = "language_model.base_model.model."
 
 
