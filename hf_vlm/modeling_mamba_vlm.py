@@ -5,15 +5,17 @@ Modelled on transformers' LLaVA: the image is encoded, the bridge turns it into 
 the `<image>` placeholder positions, with a count check that fails loudly (the most common
 VLM training complaint is "image features and image tokens do not match").
 
-Generation uses Mamba's recurrent cache (`cache_params`): the image and prompt are consumed
+Generation uses Mamba's recurrent cache (`cache`; `cache_params` before transformers 5.24, see
+`hf_vlm.compat`): the image and prompt are consumed
 once in the prefill, after which each new token costs one recurrent step regardless of
 how long the report already is.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 
 import torch
 from torch import nn
@@ -22,20 +24,37 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from .bridges import build_bridge
+from .compat import CACHE_FIELD, cache_kwargs, lm_cache, pop_cache_kwarg
 from .configuration_mamba_vlm import MambaVLMConfig
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class MambaVLMCausalLMOutput(ModelOutput):
-    """Causal-LM output plus the visual embeddings (the collapse guard watches their std)."""
+def _attach_fast_scan(language_model) -> None:
+    """Give our Mamba layers the best available scan (hf_vlm.ops.kernels). Imported by absolute
+    name: a checkpoint loaded with trust_remote_code where hf_vlm is absent keeps transformers' scan."""
+    try:
+        kernels = importlib.import_module("hf_vlm.ops.kernels")
+    except ImportError:
+        return
+    kernels.attach_fast_scan(language_model)
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache_params: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
+
+# Causal-LM output plus the visual embeddings (the collapse guard watches their std). The cache
+# field carries the name this transformers release uses (`CACHE_FIELD`): generation
+# finds the recurrent state in the output by that name.
+MambaVLMCausalLMOutput = make_dataclass(
+    "MambaVLMCausalLMOutput",
+    [
+        ("loss", torch.Tensor | None, field(default=None)),
+        ("logits", torch.Tensor | None, field(default=None)),
+        (CACHE_FIELD, Cache | None, field(default=None)),
+        ("hidden_states", tuple[torch.Tensor, ...] | None, field(default=None)),
+        ("image_hidden_states", torch.Tensor | None, field(default=None)),
+    ],
+    bases=(ModelOutput,),
+    namespace={"__module__": __name__, "__doc__": "Causal-LM output plus the visual embeddings."},
+)
 
 
 class MambaVLMPreTrainedModel(PreTrainedModel):
@@ -46,7 +65,7 @@ class MambaVLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True
     _no_split_modules = ["MambaBlock"]
-    _skip_keys_device_placement = ["cache_params"]
+    _skip_keys_device_placement = [CACHE_FIELD]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -75,6 +94,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         self.bridge = build_bridge(config)
         self.language_model = language_model if language_model is not None else MambaForCausalLM(config.text_config)
         self.post_init()
+        _attach_fast_scan(self.language_model)
 
     # --- embeddings plumbing expected by transformers / peft -------------------------------
     def get_input_embeddings(self):
@@ -161,7 +181,6 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
-        cache_params: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -169,7 +188,9 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> MambaVLMCausalLMOutput:
         """`vision_features` (cached vision-tower output, see `get_vision_features`) replaces
-        `pixel_values` when the tower is frozen and features were pre-computed."""
+        `pixel_values` when the tower is frozen and features were pre-computed. The recurrent
+        cache comes as `cache` (or the pre-5.24 `cache_params`) in `kwargs`."""
+        cache = pop_cache_kwarg(kwargs)
         image_features = None
         if inputs_embeds is None:
             if input_ids is None:
@@ -178,11 +199,11 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache_params=cache_params,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             logits_to_keep=logits_to_keep,
             return_dict=True,
+            **cache_kwargs(cache),
         )
         loss = None
         if labels is not None:
@@ -195,29 +216,16 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         return MambaVLMCausalLMOutput(
             loss=loss,
             logits=outputs.logits,
-            cache_params=outputs.cache_params,
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
+            **{CACHE_FIELD: lm_cache(outputs)},
         )
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids,
-        inputs_embeds=None,
-        use_cache=None,
-        cache_params: Cache | None = None,
-        attention_mask=None,
-        is_first_iteration: bool | None = False,
-        **kwargs,
-    ):
+    def prepare_inputs_for_generation(self, input_ids, use_cache=None, is_first_iteration: bool | None = False,
+                                      **kwargs):
+        # the cache keyword (`cache` / `cache_params`, see hf_vlm.compat) passes through untouched
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache_params=cache_params,
-            attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration,
-            **kwargs,
+            input_ids, use_cache=use_cache, is_first_iteration=is_first_iteration, **kwargs
         )
         if use_cache and not is_first_iteration:
             # the recurrent state already holds image + prompt: feed only the newest token

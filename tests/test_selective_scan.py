@@ -1,20 +1,11 @@
-"""Chunked selective scan vs the sequential reference, and the transformers integration."""
+"""Chunked selective scan vs the sequential reference (numerics; the routing is in test_kernels.py)."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
 
-from hf_vlm.ops import (
-    active_scan_backend,
-    install_fast_scan,
-    mamba_kernels_available,
-    selective_scan,
-    selective_scan_ref,
-    uninstall_fast_scan,
-)
+from hf_vlm.ops import selective_scan, selective_scan_ref
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -143,85 +134,3 @@ def test_low_precision_input_returns_input_dtype():
                                D=ins["D"].float(), z=ins["z"], return_last_state=True)
     assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
     assert out.shape == ins["u"].shape and last.shape == (2, 5, 4)
-
-
-# ---------------------------------------------------------------- transformers integration
-
-
-@pytest.fixture
-def restore_backend():
-    uninstall_fast_scan()
-    yield
-    uninstall_fast_scan()
-
-
-def tiny_model():
-    from transformers import MambaConfig, MambaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=100, state_size=8)
-    return MambaForCausalLM(cfg)
-
-
-def test_install_is_idempotent_and_reversible(restore_backend, caplog):
-    import transformers.models.mamba.modeling_mamba as mm
-
-    original = mm.mamba_selective_scan
-    kernels = mamba_kernels_available()
-    assert active_scan_backend() == ("mamba_ssm" if kernels else "transformers_reference")
-    if kernels:  # with the CUDA kernels active transformers' path is left alone
-        assert install_fast_scan() == "mamba_ssm" and mm.mamba_selective_scan is original
-    with caplog.at_level(logging.INFO, logger="hf_vlm.ops"):
-        assert install_fast_scan(force=kernels) == "hf_vlm_chunked"
-        patched = mm.mamba_selective_scan
-        assert install_fast_scan() == "hf_vlm_chunked"
-    assert mm.mamba_selective_scan is patched is not original
-    assert active_scan_backend() == "hf_vlm_chunked"
-    infos = [r for r in caplog.records if r.name == "hf_vlm.ops" and "hf_vlm_chunked" in r.getMessage()]
-    assert len(infos) == 1  # one clear line, not one per call
-    # transformers' "falling back to reference implementation" warning is filtered meanwhile
-    hub_logger = logging.getLogger("transformers.integrations.hub_kernels")
-    rec = hub_logger.makeRecord(hub_logger.name, logging.WARNING, __file__, 0,
-                                "`selective_scan_fn` is falling back to its reference PyTorch "
-                                "implementation because `mamba-ssm` is not installed.", (), None)
-    assert hub_logger.filter(rec) is False
-    # the wrapper ignores transformers' backend-selection kwargs
-    ins = make_inputs(6, dtype=torch.float32)
-    args = [ins[n].detach() for n in ("u", "delta", "A", "B", "C")]
-    out = patched(*args, use_mambapy=True, use_associative_scan=True)
-    torch.testing.assert_close(out, selective_scan_ref(*args))
-    uninstall_fast_scan()
-    assert mm.mamba_selective_scan is original
-    assert active_scan_backend() == ("mamba_ssm" if kernels else "transformers_reference")
-    assert hub_logger.filter(rec)
-
-
-def _logits_and_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids, use_cache=False)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), grads
-
-
-@pytest.mark.skipif(mamba_kernels_available(), reason="transformers' path would be the CUDA kernels")
-def test_tiny_mamba_same_logits_grads_and_generation(restore_backend):
-    model = tiny_model().train()
-    ids = torch.randint(0, 100, (2, 23), generator=torch.Generator().manual_seed(0))
-    ref_logits, ref_grads = _logits_and_grads(model, ids)
-    install_fast_scan()
-    logits, grads = _logits_and_grads(model, ids)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    assert grads.keys() == ref_grads.keys() and any("A_log" in n for n in grads)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-
-    model.eval()
-    prompt = ids[:1, :11]
-    kw = dict(max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
-    with torch.no_grad():
-        fast = model.generate(prompt, **kw)
-        uninstall_fast_scan()
-        ref = model.generate(prompt, **kw)
-    assert fast.shape == (1, 23)
-    assert torch.equal(fast, ref)

@@ -87,7 +87,7 @@ def check_int8(device: str) -> str:
 def environment_rows(test_int8: bool = True) -> list[tuple[str, str]]:
     import torch
 
-    from ..ops import active_scan_backend, install_fast_scan, mamba_kernels_available
+    from ..ops import mamba_kernels_available, scan_ladder_report
 
     rows = [("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"),
             ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none: CPU-only wheel'})")]
@@ -105,8 +105,12 @@ def environment_rows(test_int8: bool = True) -> list[tuple[str, str]]:
     rows.append(("mamba-ssm", f"mamba_ssm {_version('mamba_ssm') or 'not installed'}, causal_conv1d "
                               f"{_version('causal_conv1d') or 'not installed'}: kernels "
                               f"{'ACTIVE' if kernels else 'not active'}"))
-    install_fast_scan()
-    rows.append(("scan backend", f"{active_scan_backend()} (what training will use)"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ladder = scan_ladder_report(device)
+    used = next(rung for rung, status in ladder if status == "used")
+    rows.append(("scan backend", f"{used}: what the Mamba layers of hf_vlm models run on {device} "
+                                 f"(HF_VLM_SCAN_BACKEND forces a rung, HF_VLM_FAST_SCAN=0 turns routing off)"))
+    rows += [(f"  {rung}", status) for rung, status in ladder if status != "used"]
     bnb = _version("bitsandbytes")
     status = "not installed: llm_8bit unavailable"
     if bnb and test_int8:

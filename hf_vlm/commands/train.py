@@ -83,14 +83,12 @@ def parse_run_arguments(recipe, overrides=None):
 def prepare_run(recipe, overrides=None) -> PreparedRun:
     from transformers import set_seed
 
-    from ..ops import install_fast_scan
     from ..training.builder import (
         build_collator, build_datasets, build_model, build_processor, prepare_synthetic_assets,
     )
 
     model_args, data_args, synth_args, training_args, info = parse_run_arguments(recipe, overrides)
     set_seed(training_args.seed)
-    install_fast_scan()
     prepare_synthetic_assets(model_args, data_args, synth_args, training_args)
     processor = build_processor(model_args)
     set_seed(training_args.seed)  # the same fresh bridge whether or not assets were just generated

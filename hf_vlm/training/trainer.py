@@ -38,11 +38,8 @@ class MambaVLMTrainer(Trainer):
 
     def __init__(self, model=None, args: MambaVLMTrainingArguments | None = None, *pos, callbacks=None,
                  install_guards: bool = True, **kwargs):
-        from ..ops import install_fast_scan
-
         if not isinstance(args, MambaVLMTrainingArguments):
             raise TypeError("MambaVLMTrainer needs MambaVLMTrainingArguments (stage, LRs and guard settings)")
-        install_fast_scan()
         if model is not None and getattr(model, "_hf_vlm_freeze_policy", None) != policy_key(args):
             model = apply_freeze_policy(model, args)
         if kwargs.get("data_collator") is None and not pos:
