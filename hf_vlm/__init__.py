@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration_mamba_vlm import MambaVLMConfig
 from .data.collator import IGNORE_INDEX, DataCollatorForMambaVLM, PromptTooLongError
-from .generation import generate_reports
+from .inference import generate_reports
 from .modeling_mamba_vlm import MambaVLMForConditionalGeneration
 from .processing_mamba_vlm import MambaVLMProcessor, register_processor
 

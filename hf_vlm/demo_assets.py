@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from transformers import MambaForCausalLM, ViTImageProcessorPil, ViTModel
 
+from .data.collator import IGNORE_INDEX
 from .presets import tiny_max_visual_tokens, tiny_text_config, tiny_vision_config
 from .processing_mamba_vlm import MambaVLMProcessor
 from .synthetic import DEFAULT_PROMPT, make_synthetic_dataset
@@ -45,7 +46,7 @@ def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps
         idx = torch.randint(len(encoded), (32,), generator=generator).tolist()
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), tokenizer.pad_token_id)
-        labels = torch.full((len(idx), width), -100)
+        labels = torch.full((len(idx), width), IGNORE_INDEX)
         for row, i in enumerate(idx):
             ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             labels[row, : len(encoded[i])] = torch.tensor(encoded[i])

@@ -1,6 +1,7 @@
-"""Load a trained checkpoint for inference, with the settings it was trained with.
+"""Inference, in one place: load a checkpoint with the settings it was trained with, generate reports.
 
-Shared by `hf-vlm generate` and `hf-vlm serve`. Why a settings check: a checkpoint whose
+`load_for_inference` is shared by `hf-vlm generate` and `serve`; `generate_batch` (one
+batch) and `generate_reports` (batching loop) are the one generation entry point of the package. Why a settings check: a checkpoint whose
 bridge was trained to emit 96 visual tokens, or whose LLM was trained in 8-bit, gives
 quietly worse reports when run otherwise. So inference reads those settings from the
 checkpoint by default, and a flag that contradicts them is an error naming both values
@@ -51,8 +52,9 @@ def read_training_settings(checkpoint: str, config=None, processor=None) -> dict
     `llm_8bit` is true when the LLM's config carries a bitsandbytes 8-bit config, or when the
     trainer recorded an 8-bit LLM in hf_vlm_checkpoint.json (its export de-quantises the weights).
     """
-    from . import MambaVLMConfig, MambaVLMProcessor
-    from .loading import read_checkpoint_info
+    from .checkpoints import read_checkpoint_info
+    from .configuration_mamba_vlm import MambaVLMConfig
+    from .processing_mamba_vlm import MambaVLMProcessor
 
     config = config if config is not None else MambaVLMConfig.from_pretrained(checkpoint)
     processor = processor if processor is not None else MambaVLMProcessor.from_pretrained(checkpoint)
@@ -112,8 +114,10 @@ def load_for_inference(
     """Return `(model, processor, settings)` for a saved model + processor directory."""
     from transformers import BitsAndBytesConfig
 
-    from . import MambaVLMConfig, MambaVLMForConditionalGeneration, MambaVLMProcessor
+    from .configuration_mamba_vlm import MambaVLMConfig
     from .loading import MAMBA_INT8_SKIP_MODULES
+    from .modeling_mamba_vlm import MambaVLMForConditionalGeneration
+    from .processing_mamba_vlm import MambaVLMProcessor
 
     config = MambaVLMConfig.from_pretrained(checkpoint)
     processor = MambaVLMProcessor.from_pretrained(checkpoint)
@@ -175,7 +179,7 @@ def generate_batch(model, processor, images: Sequence[Sequence], prompts: Sequen
         generate_kwargs.setdefault("suppress_tokens", [processor.image_token_id])
     expand = max(int(generate_kwargs.get("num_beams") or 1), int(generate_kwargs.get("num_return_sequences") or 1))
     inputs = processor(images=[list(group) for group in images], text=list(prompts))
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}  # the model casts pixels to the tower dtype
+    inputs = inputs.to(model.device)  # the model casts pixels to the tower dtype
     try:
         output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
     except ValueError as exc:
@@ -189,7 +193,31 @@ def generate_batch(model, processor, images: Sequence[Sequence], prompts: Sequen
     return [r.strip() for r in reports]
 
 
+@torch.no_grad()
+def generate_reports(model, processor, images: Sequence[Sequence], prompts: Sequence[str | None] | None = None,
+                     batch_size: int = 8, progress: bool = False, **generate_kwargs) -> list[str]:
+    """One report per entry of `images` (the images of one study each), in batches of `batch_size`.
+
+    The demo, the report-eval callback and `hf-vlm eval` use this; `hf-vlm generate` calls
+    `generate_batch` itself to write each batch as it is produced.
+    """
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts) if prompts is not None else [None] * len(images)
+    was_training = model.training
+    model.eval()
+    reports: list[str] = []
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc="generate", disable=not progress):
+            stop = start + batch_size
+            reports.extend(generate_batch(model, processor, images[start:stop], prompts[start:stop], **generate_kwargs))
+    finally:
+        model.train(was_training)
+    return reports
+
+
 __all__ = [
-    "SettingsMismatchError", "build_generate_kwargs", "check_settings", "generate_batch", "load_for_inference",
+    "SettingsMismatchError", "build_generate_kwargs", "check_settings", "generate_batch", "generate_reports",
+    "load_for_inference",
     "pick_device", "pick_dtype", "read_training_settings",
 ]

@@ -1,4 +1,5 @@
-"""Loading pretrained vision towers and Mamba LLMs from local paths or hub ids.
+"""Loading pretrained vision towers and Mamba LLMs from local paths or hub ids (checkpoints of a
+trained VLM: `hf_vlm.checkpoints`).
 
 Full CLIP/SigLIP checkpoints (e.g. `openai/clip-vit-large-patch14`) hold a text tower too:
 only their vision half is loaded. The Mamba LLM can be loaded in 8-bit or 4-bit with
@@ -8,9 +9,7 @@ and why (each reason is reproduced in tests/test_quantization.py; see docs/quant
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import torch
 from torch import nn
@@ -56,7 +55,7 @@ def load_vision_tower(name_or_path: str, dtype: torch.dtype | None = None) -> nn
     return model
 
 
-def int8_quantization_config(load_in_4bit: bool = False, compute_dtype: torch.dtype = torch.float32):
+def bnb_quantization_config(load_in_4bit: bool = False, compute_dtype: torch.dtype = torch.float32):
     """bitsandbytes config for the Mamba LLM that skips the directly-read modules.
 
     8-bit: LLM.int8 (vector-wise int8 with fp16 outlier columns). 4-bit: NF4, computing in
@@ -95,7 +94,7 @@ def disable_cpu_4bit_packing(model: nn.Module) -> int:
 def load_language_model(
     name_or_path: str, quantization_config=None, dtype: torch.dtype | None = None
 ) -> MambaForCausalLM:
-    """Load a `MambaForCausalLM`, optionally quantised with bitsandbytes (see `int8_quantization_config`).
+    """Load a `MambaForCausalLM`, optionally quantised with bitsandbytes (see `bnb_quantization_config`).
 
     A quantised LLM is meant to stay frozen: its int8/4-bit weights cannot be trained, while
     the gradient still flows *through* it into the bridge (tested).
@@ -107,7 +106,7 @@ def load_language_model(
         if missing:
             logger.warning(
                 "llm_int8_skip_modules lacks %s: Mamba reads these weights directly and is expected to fail; "
-                "use hf_vlm.loading.int8_quantization_config()",
+                "use hf_vlm.loading.bnb_quantization_config()",
                 missing,
             )
         kwargs["quantization_config"] = quantization_config
@@ -121,60 +120,3 @@ def load_language_model(
         f", quantised {quantization_config.quantization_method()}" if quantization_config is not None else "",
     )
     return model
-
-
-CHECKPOINT_INFO = "hf_vlm_checkpoint.json"
-VISION_PREFIX = "vision_tower."
-
-
-def weight_names(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            return list(json.load(handle)["weight_map"])
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, "pt") as handle:
-            return list(handle.keys())
-    return []
-
-
-def read_checkpoint_info(path: str) -> dict:
-    """The recorded info, or (no record) whether the weights hold any `vision_tower.*` tensor."""
-    file = os.path.join(path, CHECKPOINT_INFO)
-    if os.path.isfile(file):
-        with open(file, encoding="utf-8") as handle:
-            return json.load(handle)
-    names = weight_names(path)
-    tower = not names or any(n.startswith(VISION_PREFIX) for n in names)
-    return {"vision_tower_weights": "included" if tower else "external", "vision_model_name_or_path": None}
-
-
-def reattach_vision_tower(model, checkpoint: str, vision_model_name_or_path: str | None = None) -> bool:
-    """Load the frozen vision tower of a checkpoint that was saved without it.
-
-    `hf_vlm_checkpoint.json` (written by the trainer) records `vision_tower_weights: external` and
-    where the tower comes from. Without this, `from_pretrained` would leave a randomly initialised
-    tower in place and the model would describe noise: a silent failure. Returns True if re-attached.
-    """
-    if not os.path.isdir(checkpoint):
-        return False  # hub checkpoints: pushed with their tower (see the model card)
-    info = read_checkpoint_info(checkpoint)
-    if info.get("vision_tower_weights") != "external":
-        return False
-    source = vision_model_name_or_path or info.get("vision_model_name_or_path")
-    if not source:
-        raise ValueError(
-            f"{checkpoint} was saved without its vision tower and records no source: "
-            "pass vision_model_name_or_path=... to from_pretrained"
-        )
-    tower = load_vision_tower(source, dtype=next(model.bridge.parameters()).dtype)
-    missing, unexpected = model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "pooler" not in k]:
-        model.vision_tower = tower  # different head layout: take the loaded module as is
-    model.vision_tower.requires_grad_(False)
-    logger.info("Vision tower re-attached from %s (the checkpoint stores only bridge + LLM)", source)
-    return True
-

@@ -60,7 +60,7 @@ MambaVLMCausalLMOutput = make_dataclass(
 class MambaVLMPreTrainedModel(PreTrainedModel):
     config_class = MambaVLMConfig
     config: MambaVLMConfig
-    base_model_prefix = "model"
+    base_model_prefix = ""  # a composite: vision_tower + bridge + language_model, no single base
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _is_stateful = True
@@ -213,13 +213,15 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
                 vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
-        return MambaVLMCausalLMOutput(
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = MambaVLMCausalLMOutput(
             loss=loss,
             logits=outputs.logits,
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
             **{CACHE_FIELD: lm_cache(outputs)},
         )
+        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids, use_cache=None, is_first_iteration: bool | None = False,
                                       **kwargs):
@@ -258,7 +260,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         """`PreTrainedModel.from_pretrained`, plus re-attaching a frozen vision tower that the
         checkpoint left out (`save_frozen_vision_weights: false`), so no load path ends up with
         a randomly initialised tower."""
-        from .loading import reattach_vision_tower
+        from .checkpoints import reattach_vision_tower
 
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         reattach_vision_tower(model, str(pretrained_model_name_or_path), vision_model_name_or_path)

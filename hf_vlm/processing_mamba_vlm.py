@@ -9,7 +9,7 @@ concatenated, so a BPE merge can never straddle the boundary and move it.
 from __future__ import annotations
 
 import torch
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
 from .tokenization import IMAGE_TOKEN, ensure_image_token
 
@@ -93,8 +93,12 @@ class MambaVLMProcessor(ProcessorMixin):
         return example
 
     # --- batched inference --------------------------------------------------------------------
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> dict:
-        """Batch of prompts (one list of images per prompt), LEFT-padded for generation."""
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> BatchFeature:
+        """Batch of prompts (one list of images per prompt), LEFT-padded for generation.
+
+        Returns a `BatchFeature` (`input_ids`, `attention_mask`, `pixel_values`), so
+        `processor(...).to(model.device)` works as with any transformers processor.
+        """
         if text is None or isinstance(text, str):
             text = [text]
         if images is None:
@@ -114,13 +118,14 @@ class MambaVLMProcessor(ProcessorMixin):
         flat = [im for ims in per_prompt for im in ims]
         if flat:
             out["pixel_values"] = self.image_processor(images=flat, return_tensors="pt")["pixel_values"]
-        return out
+        return BatchFeature(data=out, tensor_type=return_tensors)
 
-    def batch_decode(self, sequences, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(sequences, skip_special_tokens=True, **kwargs)
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Reports without EOS/pad/`<image>` by default; pass `skip_special_tokens=False` to see them."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
-    def decode(self, sequence, **kwargs) -> str:
-        return self.tokenizer.decode(sequence, skip_special_tokens=True, **kwargs)
+    def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(sequence, skip_special_tokens=skip_special_tokens, **kwargs)
 
 
 def register_processor(config_class) -> None:

@@ -20,7 +20,7 @@ def build_tiny_checkpoint(root, llm_8bit: bool = False):
     otherwise answers EOS at once): random, untied output head and a loud bridge."""
     from hf_vlm import MambaVLMForConditionalGeneration, MambaVLMProcessor
     from hf_vlm.demo_assets import build_demo_assets
-    from hf_vlm.loading import int8_quantization_config
+    from hf_vlm.loading import bnb_quantization_config
 
     assets = build_demo_assets(str(root / "assets"), n_train=16, n_eval=4, preset="micro", lm_steps=0)
     processor = MambaVLMProcessor.from_pretrained(assets.processor_path)
@@ -28,7 +28,7 @@ def build_tiny_checkpoint(root, llm_8bit: bool = False):
     model = MambaVLMForConditionalGeneration.from_components(
         assets.vision_path, assets.llm_path, max_visual_tokens=processor.max_visual_tokens,
         image_token_id=processor.image_token_id,
-        llm_quantization_config=int8_quantization_config() if llm_8bit else None)
+        llm_quantization_config=bnb_quantization_config() if llm_8bit else None)
     if not llm_8bit:
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0, 1.0)

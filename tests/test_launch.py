@@ -79,7 +79,7 @@ def _weights(path: Path) -> dict:
 
 def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, micro):
     """Bit-identical (torch.equal): same seed, data order restored from the checkpoint's RNG state."""
-    from hf_vlm.commands.train import train_from_recipe
+    from hf_vlm.training.run import train_from_recipe
 
     run = {**micro, "max_steps": 6, "save_steps": 2}
     straight = train_from_recipe("tiny_demo", {**run, "output_dir": str(tmp_path / "straight")})
@@ -121,8 +121,8 @@ def test_preflight_passes_on_tiny_demo_and_fails_on_broken_recipes(micro, capsys
 def test_two_stages_chain_through_init_from_with_lora_on_an_8bit_llm(tmp_path, micro):
     """Stage 1 (align) -> Stage 2 (LoRA on the 8-bit LLM, init_from Stage 1): the final output is a
     plain checkpoint (LoRA merged, LLM de-quantised) that loads in one call, and its card lists both stages."""
-    from hf_vlm.commands.train import train_from_recipe
-    from hf_vlm.training.builder import load_vlm_checkpoint
+    from hf_vlm.training.run import train_from_recipe
+    from hf_vlm.checkpoints import load_vlm_checkpoint
 
     stage1 = tmp_path / "stage1"
     train_from_recipe("tiny_demo", {**micro, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": 2,
@@ -149,7 +149,7 @@ def test_two_stages_chain_through_init_from_with_lora_on_an_8bit_llm(tmp_path, m
 
 def test_recipe_trains_the_bridge_from_the_vision_feature_cache(tmp_path, micro):
     """`vision_feature_cache: DIR` encodes each image once; a second run reuses the stored features."""
-    from hf_vlm.commands.train import train_from_recipe
+    from hf_vlm.training.run import train_from_recipe
 
     overrides = {**micro, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": 2, "save_strategy": "no",
                  "vision_feature_cache": str(tmp_path / "cache")}
@@ -165,7 +165,7 @@ def test_recipe_trains_the_bridge_from_the_vision_feature_cache(tmp_path, micro)
 
 
 def test_recipe_evaluation_generates_reports_and_picks_the_best_by_findings_f1(tmp_path, micro):
-    from hf_vlm.commands.train import train_from_recipe
+    from hf_vlm.training.run import train_from_recipe
 
     result = train_from_recipe("tiny_demo", {
         **micro, "synthetic_dir": str(tmp_path / "assets"), "synthetic_eval_rows": 6, "eval_samples": 4,

@@ -19,7 +19,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed"
 from transformers import MambaForCausalLM, ViTModel  # noqa: E402
 
 from hf_vlm import MambaVLMForConditionalGeneration  # noqa: E402
-from hf_vlm.loading import MAMBA_INT8_SKIP_MODULES, int8_quantization_config, load_language_model  # noqa: E402
+from hf_vlm.loading import MAMBA_INT8_SKIP_MODULES, bnb_quantization_config, load_language_model  # noqa: E402
 
 
 def _cpu_int8_works() -> str | None:
@@ -41,7 +41,7 @@ BNB_LINEAR = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
 
 
 def _int8_config(skip):
-    """A hand-made 8-bit config with the given skip list (hf_vlm's own is `int8_quantization_config()`)."""
+    """A hand-made 8-bit config with the given skip list (hf_vlm's own is `bnb_quantization_config()`)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
@@ -115,7 +115,7 @@ def test_fused_training_kernel_gets_full_precision_weights(monkeypatch, parts, t
 @pytest.mark.parametrize("bits,max_rel", [(8, 0.03), (4, 0.3)])
 def test_quantised_llm_logits_close_to_full_precision(parts, token_batch, bits, max_rel):
     reference = MambaForCausalLM.from_pretrained(parts / "llm").eval()
-    llm = load_language_model(str(parts / "llm"), quantization_config=int8_quantization_config(bits == 4)).eval()
+    llm = load_language_model(str(parts / "llm"), quantization_config=bnb_quantization_config(bits == 4)).eval()
     assert _quantised_names(llm) == {"in_proj"}
     with torch.no_grad():
         expected, got = reference(input_ids=token_batch).logits, llm(input_ids=token_batch).logits
@@ -162,7 +162,7 @@ def test_vlm_with_quantised_llm_end_to_end(parts, micro_processor, ct_images, bi
     inputs = micro_processor(images=[[im] for im in ct_images[:2]], text=[None, "请描述。"])
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == micro_processor.image_token_id, -100)
     reference = _vlm(parts, micro_processor, None)
-    model = _vlm(parts, micro_processor, int8_quantization_config(load_in_4bit=bits == 4))
+    model = _vlm(parts, micro_processor, bnb_quantization_config(load_in_4bit=bits == 4))
     assert _quantised_names(model.language_model) == {"in_proj"}
     assert _quantised_names(model.vision_tower) == set() and _quantised_names(model.bridge) == set()
     assert all(p.dtype == torch.float32 for p in model.bridge.parameters())

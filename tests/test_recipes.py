@@ -124,7 +124,7 @@ def test_doctor_prints_environment_and_memory_tables(capsys, monkeypatch):
 
 def _estimate(recipe, **overrides):
     from hf_vlm.commands.doctor import estimate_memory
-    from hf_vlm.commands.train import parse_run_arguments
+    from hf_vlm.training.run import parse_run_arguments
 
     model_args, data_args, _, training_args, _ = parse_run_arguments(recipe, overrides)
     return estimate_memory(model_args, data_args, training_args, scan_backend=overrides.pop("_backend", None))
@@ -151,7 +151,7 @@ def test_memory_estimate_is_sane_for_the_2_8b_recipes():
 
 def test_memory_estimate_grows_with_the_reference_scan():
     from hf_vlm.commands.doctor import estimate_memory
-    from hf_vlm.commands.train import parse_run_arguments
+    from hf_vlm.training.run import parse_run_arguments
 
     model_args, data_args, _, training_args, _ = parse_run_arguments("stage1_align", {"bf16": False})
     ref = estimate_memory(model_args, data_args, training_args, scan_backend="transformers_reference")
@@ -181,7 +181,7 @@ def test_model_card_lists_data_stages_recipe_metrics_and_version(tmp_path):
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "hf_vlm" and "state-spaces/mamba-2.8b-hf" in header["base_model"]
     for needle in ("data/train_clean.csv` | 254", "| 1 | align", "| 2 | finetune", "eval_loss | 1.1",
-                   f"hf_vlm {__version__}", "max_steps: 5", "VisionProbe", "load_vlm_checkpoint"):
+                   f"hf_vlm {__version__}", "max_steps: 5", "VisionProbe", "AutoModelForImageTextToText.from_pretrained"):
         assert needle in card, needle
 
 
@@ -192,7 +192,7 @@ def test_checkpoint_without_the_frozen_tower_round_trips(tmp_path, micro_process
     from conftest import build_micro_config
     from hf_vlm import MambaVLMForConditionalGeneration
     from hf_vlm.presets import tiny_vision_config
-    from hf_vlm.training.builder import load_vlm_checkpoint, read_checkpoint_info, save_vlm_checkpoint
+    from hf_vlm.checkpoints import load_vlm_checkpoint, read_checkpoint_info, save_vlm_checkpoint
 
     torch.manual_seed(0)
     tower_dir = tmp_path / "tower"
@@ -233,7 +233,7 @@ def test_checkpoint_without_the_frozen_tower_round_trips(tmp_path, micro_process
 
 
 def test_checkpoint_keeps_a_trainable_tower(tmp_path, micro_model):
-    from hf_vlm.training.builder import read_checkpoint_info, save_vlm_checkpoint
+    from hf_vlm.checkpoints import read_checkpoint_info, save_vlm_checkpoint
 
     save_vlm_checkpoint(micro_model, str(tmp_path), save_frozen_vision_weights=False,
                         vision_model_name_or_path="openai/clip-vit-large-patch14")
@@ -244,7 +244,8 @@ def test_checkpoint_keeps_a_trainable_tower(tmp_path, micro_model):
 def test_build_model_from_init_from_and_from_scratch(tmp_path, micro_model, micro_processor):
     """init_from loads the previous stage; from_scratch keeps its LLM but starts a fresh bridge."""
     from hf_vlm.training.arguments import ModelArguments
-    from hf_vlm.training.builder import build_model, save_vlm_checkpoint
+    from hf_vlm.checkpoints import save_vlm_checkpoint
+    from hf_vlm.training.builder import build_model
 
     save_vlm_checkpoint(micro_model, str(tmp_path))
     k = micro_model.config.max_visual_tokens

@@ -119,7 +119,7 @@ def test_argument_defaults(tmp_path):
     args = make_args(tmp_path)
     assert args.remove_unused_columns is False and args.report_to in ("none", [], ["none"])
     assert args.bf16 is False  # CPU: no bf16 autocast by default
-    assert args.lora_target_modules == ["in_proj"] and args.csv_log_name == "stage2_train_log.csv"
+    assert args.lora_target_modules == ["in_proj"] and args.csv_log_name == "train_log.csv"
 
 
 def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_processor, csvs, tmp_path):
@@ -137,7 +137,7 @@ def test_csv_log_and_loss_plot(micro_processor, csvs, tmp_path):
                            eval_steps=3, vision_probe=True, plot_loss=True, bridge_learning_rate=1e-3)
     with pytest.warns(UserWarning):  # an untrained bridge: the vision probe says the model is blind
         trainer.train()
-    with open(tmp_path / "stage2_train_log.csv", encoding="utf-8") as handle:
+    with open(tmp_path / "train_log.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     for row in rows:
@@ -145,7 +145,7 @@ def test_csv_log_and_loss_plot(micro_processor, csvs, tmp_path):
         assert float(row["loss"]) > 1 and "start band" in row["loss_verdict"]
     assert float(rows[-1]["eval_loss"]) > 0 and rows[-1]["eval_vision_gap"] != ""
 
-    for png in (tmp_path / "stage2_train_log.png", plot_loss_curve(str(tmp_path / "stage2_train_log.csv"),
+    for png in (tmp_path / "train_log.png", plot_loss_curve(str(tmp_path / "train_log.csv"),
                                                                     str(tmp_path / "again.png"))):
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_stages(args) -> dict:
     """Stage 1 (align: bridge only) then Stage 2 (bridge + LLM) with `recipes/tiny_demo.yaml`,
     through the guarded `MambaVLMTrainer` — the same path as `hf-vlm train`."""
-    from .train import train_from_recipe
+    from ..training.run import train_from_recipe
 
     common = {
         "output_dir": args.output_dir,
@@ -68,7 +68,7 @@ def evaluate_facts(model, processor, eval_csv: str, shuffle_images: bool = False
     import pandas as pd
     from PIL import Image
 
-    from ..generation import generate_reports
+    from ..inference import generate_reports
     from ..synthetic import NoduleFacts, score_reports
 
     frame = pd.read_csv(eval_csv)

@@ -71,11 +71,11 @@ def check_int8(device: str) -> str:
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
-    from ..loading import int8_quantization_config
+    from ..loading import bnb_quantization_config
 
     with tempfile.TemporaryDirectory() as tmp:
         MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, state_size=4)).save_pretrained(tmp)
-        model = MambaForCausalLM.from_pretrained(tmp, quantization_config=int8_quantization_config(), device_map=device)
+        model = MambaForCausalLM.from_pretrained(tmp, quantization_config=bnb_quantization_config(), device_map=device)
     int8 = any(p.dtype == torch.int8 for p in model.parameters())
     embeds = model.get_input_embeddings()(torch.tensor([[1, 2, 3]], device=device)).detach().requires_grad_(True)
     model(inputs_embeds=embeds, labels=torch.tensor([[1, 2, 3]], device=device)).loss.backward()
@@ -266,7 +266,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     print(format_rows("hf-vlm doctor: environment", environment_rows()))
     if args.recipe:
-        from .train import parse_run_arguments
+        from ..training.run import parse_run_arguments
 
         try:
             model_args, data_args, _, training_args, info = parse_run_arguments(args.recipe, args.overrides)

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..data.images import IMAGE_SUFFIXES
+from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
 FIELDS = ("image_path", "prompt", "report", "error")
 
 
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="prompt for rows without one (default: the processor's training prompt)")
     parser.add_argument("--image_root", default=None, help="folder that relative CSV paths are relative to (default: the CSV's folder)")
     parser.add_argument("--path_map", default=None, help="rewrite path prefixes, e.g. 'D:/data=/mnt/d/data'")
-    parser.add_argument("--max_slices", type=int, default=1, help="slices taken from a DICOM series / NIfTI volume (as in training)")
+    parser.add_argument("--max_slices", type=int, default=DEFAULT_MAX_SLICES, help="slices taken from a DICOM series / NIfTI volume (as in training)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--num_beams", type=int, default=None, help="beam search width (default: greedy)")

@@ -126,7 +126,7 @@ def run_preflight(recipe, overrides=None) -> list[tuple[str, str, str]]:
 
     from ..ops import active_scan_backend
     from ..training.guards import GuardError
-    from .train import build_trainer, prepare_run
+    from ..training.run import build_trainer, prepare_run
 
     rows = []
     if torch.cuda.is_available():

@@ -15,7 +15,7 @@ import argparse
 import os
 import threading
 
-from ..data.images import IMAGE_SUFFIXES
+from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
 
 DICOM_TYPES = [*IMAGE_SUFFIXES, ".gz"]  # ".gz": upload widgets match the last suffix of .nii.gz
 
@@ -46,7 +46,7 @@ def make_generate_fn(model, processor):
 
         if file:
             try:
-                images = load_images(str(file), max_slices=1)
+                images = load_images(str(file), max_slices=DEFAULT_MAX_SLICES)
             except (ImageLoadError, ImportError) as exc:
                 raise gr.Error(f"Cannot read the uploaded file: {exc}") from exc
         elif image is not None:

@@ -16,7 +16,15 @@ import os
 from pathlib import Path
 
 from .text_cleaning import detect_encoding
-from .images import ImageLoadError, PathMap, load_images, resolve_image_path, split_image_paths
+from .images import (
+    DEFAULT_MAX_SLICES,
+    DEFAULT_WINDOW,
+    ImageLoadError,
+    PathMap,
+    load_images,
+    resolve_image_path,
+    split_image_paths,
+)
 
 REQUIRED_COLUMNS = ("image_path", "caption")
 
@@ -87,8 +95,8 @@ def decode_batch(batch: dict, *, max_slices: int, image_root: str | None, path_m
     return out
 
 
-def with_image_transform(ds, max_slices: int = 8, *, image_root: str | None = None, path_map: PathMap = None,
-                         window_center: float | None = -600, window_width: float | None = 1500):
+def with_image_transform(ds, max_slices: int = DEFAULT_MAX_SLICES, *, image_root: str | None = None, path_map: PathMap = None,
+                         window_center: float | None = DEFAULT_WINDOW[0], window_width: float | None = DEFAULT_WINDOW[1]):
     """Return ``ds`` whose rows are ``{"images": list[PIL.Image], "prompt", "caption",
     "image_path", "row_id"}``; ``image_root``/``path_map`` only matter without ``image_files``."""
     return ds.with_transform(functools.partial(

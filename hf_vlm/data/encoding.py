@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .dataset import decode_batch, load_caption_dataset
+from .images import DEFAULT_MAX_SLICES, DEFAULT_WINDOW
 
 
 @dataclass
@@ -18,9 +19,9 @@ class EncodeCaptionRows:
     """`with_transform` callable: batch of CSV rows -> processor features (see the collator)."""
 
     processor: object
-    max_slices: int = 1
-    window_center: float | None = -600
-    window_width: float | None = 1500
+    max_slices: int = DEFAULT_MAX_SLICES
+    window_center: float | None = DEFAULT_WINDOW[0]
+    window_width: float | None = DEFAULT_WINDOW[1]
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         decoded = decode_batch(

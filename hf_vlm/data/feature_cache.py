@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .dataset import decode_batch
 from .encoding import EncodeCaptionRows
-from .images import split_image_paths
+from .images import DEFAULT_MAX_SLICES, DEFAULT_WINDOW, split_image_paths
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,9 @@ class VisionFeatureCache:
         shard_rows: rows per safetensors shard.
     """
 
-    def __init__(self, cache_dir, model, processor, *, max_slices: int = 1, window_center: float | None = -600,
-                 window_width: float | None = 1500, image_augmentation: bool = False, shard_rows: int = 256):
+    def __init__(self, cache_dir, model, processor, *, max_slices: int = DEFAULT_MAX_SLICES,
+                 window_center: float | None = DEFAULT_WINDOW[0], window_width: float | None = DEFAULT_WINDOW[1],
+                 image_augmentation: bool = False, shard_rows: int = 256):
         self.model, self.processor, self.shard_rows = model, processor, int(shard_rows)
         self.decode = dict(max_slices=max_slices, window_center=window_center, window_width=window_width)
         self.enabled = not image_augmentation

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 WINDOW_PRESETS = {"lung": (-600.0, 1500.0), "mediastinum": (40.0, 400.0), "bone": (400.0, 1800.0)}
+DEFAULT_WINDOW = WINDOW_PRESETS["lung"]  # (center L, width W) used wherever no window is given
+DEFAULT_MAX_SLICES = 1  # slices taken from a volume / series when the caller does not say
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # every file suffix `load_images` reads (folder scans in `hf-vlm generate`, uploads in `hf-vlm serve`)
 IMAGE_SUFFIXES = (*sorted(_RASTER_SUFFIXES), ".dcm", ".dicom", ".nii", ".nii.gz")
@@ -233,8 +235,8 @@ def _nifti_slices(path: Path, num_slices: int, window_center, window_width) -> l
     return [_gray_to_rgb(_window_frames(s[::-1, ::-1].T, window_center, window_width)[0]) for s in picked]
 
 
-def load_volume_slices(path: str | os.PathLike, num_slices: int, *, window_center: float | None = -600,
-                       window_width: float | None = 1500, max_image_pixels: int | None = None) -> list[Image.Image]:
+def load_volume_slices(path: str | os.PathLike, num_slices: int, *, window_center: float | None = DEFAULT_WINDOW[0],
+                       window_width: float | None = DEFAULT_WINDOW[1], max_image_pixels: int | None = None) -> list[Image.Image]:
     """Evenly spaced slices of a NIfTI volume, a DICOM series folder or a multi-frame DICOM (a 2D
     file gives one image). ``window_center/width=None`` uses the DICOM tags, else min-max."""
     path = Path(path)
@@ -249,7 +251,7 @@ def load_volume_slices(path: str | os.PathLike, num_slices: int, *, window_cente
     return [_load_pil(path, max_image_pixels)]
 
 
-def load_image(path: str | os.PathLike, *, window_center: float | None = -600, window_width: float | None = 1500,
+def load_image(path: str | os.PathLike, *, window_center: float | None = DEFAULT_WINDOW[0], window_width: float | None = DEFAULT_WINDOW[1],
                max_image_pixels: int | None = None) -> Image.Image:
     """One RGB image. PNG/JPG/BMP/TIFF via PIL (EXIF orientation applied, 16-bit scaled min-max,
     ``max_image_pixels`` guards against decompression bombs; default ``PIL.Image.MAX_IMAGE_PIXELS``);
@@ -263,8 +265,8 @@ def load_image(path: str | os.PathLike, *, window_center: float | None = -600, w
 
 
 def load_images(path_field: str, *, image_root: str | None = None, path_map: PathMap = None,
-                base_dir: str | None = None, max_slices: int = 8, window_center: float | None = -600,
-                window_width: float | None = 1500, max_image_pixels: int | None = None) -> list[Image.Image]:
+                base_dir: str | None = None, max_slices: int = DEFAULT_MAX_SLICES, window_center: float | None = DEFAULT_WINDOW[0],
+                window_width: float | None = DEFAULT_WINDOW[1], max_image_pixels: int | None = None) -> list[Image.Image]:
     """All images of one row: ``;``-separated paths, each resolved, volumes expanded to at most
     ``max_slices`` slices each, in the order written."""
     images: list[Image.Image] = []

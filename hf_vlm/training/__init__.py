@@ -16,7 +16,6 @@ _EXPORTS = {
     "describe_trainable": "freeze",
     "MambaVLMTrainer": "trainer",
     "plot_loss_curve": "outputs",
-    "merge_lora": "freeze",
     "GuardError": "guards",
     "GuardWarning": "guards",
     "default_callbacks": "callbacks",

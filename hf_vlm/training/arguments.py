@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..configuration_mamba_vlm import BRIDGE_TYPES
+from ..data.images import DEFAULT_MAX_SLICES
+from .outputs import DEFAULT_CSV_LOG
+
 STAGES = ("align", "finetune")
 GUARD_ACTIONS = ("warn", "stop")
-BRIDGE_TYPES = ("mlp", "qformer")
 # LoRA targets that work for Mamba: PEFT refuses `out_proj`/`conv1d`, and the fused CUDA path
 # reads `x_proj`/`dt_proj`/`out_proj` weights directly, so adapters there are silently bypassed.
 LORA_SAFE_TARGETS = ("in_proj", "embeddings")
@@ -98,7 +101,8 @@ class DataArguments:
         "Total token budget per row (visual + prompt + answer). Answers are truncated (counted), never the prompt.",
         default=None,
     )
-    max_slices: int = _help("Slices per study (each slice is one image of max_visual_tokens tokens).", default=1)
+    max_slices: int = _help("Slices per study (each slice is one image of max_visual_tokens tokens).",
+                            default=DEFAULT_MAX_SLICES)
     eval_samples: int = _help("Fixed eval subset size used for generation metrics and sample reports.", default=32)
     vision_feature_cache: str | None = _help(
         "Directory of the vision feature cache: with a frozen vision tower, each image is encoded once and the "
@@ -190,7 +194,7 @@ class MambaVLMTrainingArguments(TrainingArguments):
         "eval_vision_gap (shuffled - true loss) below this warns that the model ignores the image.", default=0.01
     )
     vision_probe_batches: int = _help("Eval batches the vision probe runs on (true vs shuffled images).", default=4)
-    csv_log_name: str = _help("Per-step CSV log written into output_dir.", default="stage2_train_log.csv")
+    csv_log_name: str = _help("Per-step CSV log written into output_dir.", default=DEFAULT_CSV_LOG)
     plot_loss: bool = _help("Write a loss-curve PNG with the healthy band at the end of training.", default=True)
     save_frozen_vision_weights: bool = _help(
         "Save the frozen vision-tower weights in checkpoints (self-contained). Off: smaller checkpoints, and "

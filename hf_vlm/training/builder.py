@@ -9,8 +9,7 @@ and the choice is logged, so nobody trains on a checkpoint they meant to discard
 3. `tiny_preset`: tiny random parts from `hf_vlm.presets` (tests);
 4. `init_from` with `from_scratch`: that checkpoint with its bridge re-initialised.
 
-The checkpoint helpers (`save_vlm_checkpoint`, `load_vlm_checkpoint`, ...) live in
-`hf_vlm.training.checkpoints` and are re-exported here.
+Checkpoints (record, save, load, tower re-attach, export, push) live in `hf_vlm.checkpoints`.
 """
 
 from __future__ import annotations
@@ -19,15 +18,7 @@ import json
 import logging
 import os
 
-from .checkpoints import (  # noqa: F401 - re-exported: the checkpoint API lives next to the builder
-    CHECKPOINT_INFO,
-    CheckpointInfoCallback,
-    export_plain_model,
-    load_vlm_checkpoint,
-    read_checkpoint_info,
-    save_vlm_checkpoint,
-    write_checkpoint_info,
-)
+from ..checkpoints import load_vlm_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +113,9 @@ def _bridge_kwargs(model_args, processor) -> dict:
 def _quantization_config(model_args):
     if not (model_args.llm_8bit or model_args.llm_4bit):
         return None
-    from ..loading import int8_quantization_config
+    from ..loading import bnb_quantization_config
 
-    return int8_quantization_config(load_in_4bit=bool(model_args.llm_4bit))
+    return bnb_quantization_config(load_in_4bit=bool(model_args.llm_4bit))
 
 
 def build_model(model_args, processor):
@@ -206,17 +197,4 @@ def build_collator(data_args, processor):
     )
 
 
-__all__ = [
-    "CHECKPOINT_INFO",
-    "CheckpointInfoCallback",
-    "build_collator",
-    "build_datasets",
-    "build_model",
-    "build_processor",
-    "export_plain_model",
-    "load_vlm_checkpoint",
-    "prepare_synthetic_assets",
-    "read_checkpoint_info",
-    "save_vlm_checkpoint",
-    "write_checkpoint_info",
-]
+__all__ = ["build_collator", "build_datasets", "build_model", "build_processor", "prepare_synthetic_assets"]

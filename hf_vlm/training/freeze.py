@@ -117,15 +117,6 @@ def _input_embeddings_trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in embeddings.parameters())
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA adapters into the LLM weights (for a plain, peft-free checkpoint)."""
-    from peft import PeftModel
-
-    if isinstance(model.language_model, PeftModel):
-        model.language_model = model.language_model.merge_and_unload()
-    return model
-
-
 def describe_trainable(model: nn.Module) -> list[dict]:
     """One row per component: trainable and frozen parameter counts and a status word."""
     counts = {c: [0, 0] for c in COMPONENTS}
@@ -176,6 +167,5 @@ __all__ = [
     "describe_trainable",
     "format_trainable_table",
     "intended_trainable",
-    "merge_lora",
     "policy_key",
 ]

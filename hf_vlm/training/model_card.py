@@ -4,7 +4,7 @@ A checkpoint that reaches a colleague or the Hub should say what it is without i
 which data (files and row counts), which stage(s) produced it (the history is carried over
 from `init_from`, so a Stage 2 card also lists Stage 1), which recipe and overrides, the
 final metrics, and the hf_vlm version. Everything here is plain text generation, so it is
-tested offline; only `push_output_dir` talks to the network.
+tested offline (the push itself is `hf_vlm.checkpoints.push_output_dir`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "hf_vlm_training.json"
-_IGNORE_ON_PUSH = ["checkpoint-*", "checkpoint-*/**", "assets/**", "runs/**", "*.pt"]
 
 
 def load_history(path: str | None) -> list[dict]:
@@ -110,10 +109,10 @@ def render_model_card(stages: list[dict], recipe: dict, overrides: dict, *, vers
     effective = {**recipe, **overrides}
     lines += ["", "## Recipe (with overrides applied)", "", "```yaml",
               yaml.safe_dump(effective, allow_unicode=True, sort_keys=False).strip(), "```", "",
-              "## Usage", "", "```python", "from hf_vlm import MambaVLMProcessor",
-              "from hf_vlm.training.builder import load_vlm_checkpoint", "",
-              "model = load_vlm_checkpoint(path)  # re-attaches the vision tower if it was not saved",
-              "processor = MambaVLMProcessor.from_pretrained(path)", "```", ""]
+              "## Usage", "", "```python", "import hf_vlm  # registers the model with the Auto classes",
+              "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
+              "model = AutoModelForImageTextToText.from_pretrained(path)  # re-attaches a tower left out",
+              "processor = AutoProcessor.from_pretrained(path)", "```", ""]
     return "\n".join(lines)
 
 
@@ -129,18 +128,5 @@ def write_model_card(output_dir: str, stages: list[dict], recipe: dict, override
     return file
 
 
-def push_output_dir(output_dir: str, training_args) -> str:
-    """Upload the final model, processor, card and logs (not the intermediate checkpoints)."""
-    from huggingface_hub import HfApi
-
-    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    api = HfApi(token=training_args.hub_token)
-    repo_id = api.create_repo(repo_id, private=bool(training_args.hub_private_repo), exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message="hf_vlm: final model and card",
-                      ignore_patterns=_IGNORE_ON_PUSH)
-    logger.info("Pushed %s to https://huggingface.co/%s", output_dir, repo_id)
-    return repo_id
-
-
-__all__ = ["load_history", "push_output_dir", "render_model_card", "stage_record", "write_history",
+__all__ = ["load_history", "render_model_card", "stage_record", "write_history",
            "write_model_card"]

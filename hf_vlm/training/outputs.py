@@ -1,6 +1,6 @@
 """What training leaves on disk besides checkpoints: a per-step CSV log and a loss-curve PNG.
 
-Users diagnosed their failures from `stage2_train_log.csv` and a plotted curve; both are
+Users diagnosed their failures from a per-step CSV log (`stage2_train_log.csv` in their scripts) and a plotted curve; both are
 written by default. The CSV has one row per step (training and evaluation logs of the same
 step are merged) and is rewritten whole on each log, so a new metric appearing mid-run
 (eval_loss, eval_vision_gap) simply becomes a new column. The plot draws the healthy band
@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CSV_LOG = "train_log.csv"
 LEADING_COLUMNS = (
     "step", "epoch", "loss", "caption_loss", "learning_rate", "grad_norm", "visual_std", "visual_norm",
     "supervised_fraction", "loss_verdict", "eval_loss", "eval_vision_gap",
@@ -27,7 +28,7 @@ LEADING_COLUMNS = (
 class CsvLogCallback(TrainerCallback):
     """Write `output_dir/<csv_log_name>`: step, epoch, loss, lr, grad_norm, visual_std, … per step."""
 
-    def __init__(self, file_name: str = "stage2_train_log.csv"):
+    def __init__(self, file_name: str = DEFAULT_CSV_LOG):
         self.file_name = file_name
         self.rows: dict[int, dict] = {}
         self.path: str | None = None

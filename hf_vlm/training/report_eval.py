@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback
 
+from ..data.collator import IGNORE_INDEX
 from ..metrics import compute_report_metrics
 from ..metrics.repetition import DEFAULT_THRESHOLD, text_repetition
 
@@ -85,7 +86,7 @@ class ReportEvalCallback(TrainerCallback):
         self.last_reports: list[str] = []
 
     def generate(self, model) -> list[str]:
-        from ..generation import generate_reports
+        from ..inference import generate_reports
 
         return generate_reports(model, self.processor, [r["images"] for r in self.eval_rows],
                                 [r.get("prompt") or None for r in self.eval_rows], batch_size=self.batch_size,
@@ -140,7 +141,7 @@ class ReportEvalCallback(TrainerCallback):
                 step, flagged, len(reports), DEFAULT_THRESHOLD, example[:60])
 
 
-def make_compute_metrics(tokenizer, ignore_index: int = -100, **metric_kwargs):
+def make_compute_metrics(tokenizer, ignore_index: int = IGNORE_INDEX, **metric_kwargs):
     """`compute_metrics` for a Trainer whose prediction step returns *generated* ids.
 
     The stock prediction step of a decoder-only model returns teacher-forced logits (or, with

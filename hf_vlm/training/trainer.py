@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from ..checkpoints import tower_is_frozen, without_frozen_tower
 from ..data.collator import IGNORE_INDEX
 from .arguments import MambaVLMTrainingArguments
 from .callbacks import CollapseGuard, VisionProbe, default_callbacks
@@ -168,14 +169,30 @@ class MambaVLMTrainer(Trainer):
                 if key != "loss" and key.endswith("_loss") and torch.is_tensor(value) and value.numel() == 1:
                     metrics[key].append(value.detach().float())
 
+    def _global_means(self, mode: str) -> dict[str, float]:
+        """Means of the gathered metrics over every micro-batch of every process since the last log.
+
+        Each process averages its own values, then the per-process means are gathered
+        (`accelerator.gather_for_metrics`) and averaged, so DDP/FSDP logs are global, not rank 0's.
+        Every rank runs the same forward code, so all hold the same keys (sorted: same order).
+        """
+        metrics = self._metrics[mode]
+        keys = sorted(k for k, values in metrics.items() if values)
+        if not keys:
+            metrics.clear()
+            return {}
+        local = torch.stack([torch.stack([v.float().reshape(()).cpu() for v in metrics[k]]).mean() for k in keys])
+        metrics.clear()
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.gather_for_metrics(local.to(self.accelerator.device)).reshape(-1, len(keys))
+            local = local.float().mean(0).cpu()
+        return {k: float(v) for k, v in zip(keys, local)}
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         if mode == "eval" or "loss" in logs:
             prefix = "eval_" if mode == "eval" else ""
-            for key, values in self._metrics[mode].items():
-                if values:
-                    logs[prefix + key] = float(torch.stack([v.float().cpu() for v in values]).mean())
-            self._metrics[mode].clear()
+            logs.update({prefix + key: value for key, value in self._global_means(mode).items()})
         if mode == "train" and "loss" in logs and self.optimizer is not None and "learning_rate" in logs:
             # every group follows the same schedule: scale each group's peak LR like the logged one
             groups = self.optimizer.param_groups
@@ -222,11 +239,10 @@ class MambaVLMTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        tower = getattr(self.model, "vision_tower", None)
-        if (not self.args.save_frozen_vision_weights and state_dict is None and tower is not None
-                and not any(p.requires_grad for p in tower.parameters())):
+        if (not self.args.save_frozen_vision_weights and state_dict is None
+                and getattr(self.model, "vision_tower", None) is not None and tower_is_frozen(self.model)):
             # frozen tower: re-loaded from vision_model_name_or_path, not copied into every checkpoint
-            state_dict = {k: v for k, v in self.model.state_dict().items() if not k.startswith("vision_tower.")}
+            state_dict = without_frozen_tower(self.model.state_dict())
         super()._save(output_dir, state_dict)
 
 
