@@ -11,7 +11,7 @@ LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_vlm-installed
 
-.PHONY: install demo test test-fast test-latest test-lowest lock bench clean-venv
+.PHONY: install demo test test-fast test-latest test-lowest lint lock bench clean-venv
 
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ test-latest: $(STAMP)
 
 test-lowest: $(STAMP)
 	$(BIN)/python scripts/canary.py lowest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

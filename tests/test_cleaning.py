@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hf_vlm.data import cleaning, text_cleaning as tc
+from hf_vlm.data import cleaning
+from hf_vlm.data import text_cleaning as tc
 from hf_vlm.data.cleaning import REASONS, CleaningConfig, clean_captions, clean_row
 
 GOOD = "右肺上叶见一磨玻璃结节，大小约8mm×6mm，边界清晰。"

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_vlm.data.images import (ImageLoadError, apply_window, load_image, load_images, load_volume_slices,
-                                resolve_image_path, sample_indices)
+from hf_vlm.data.images import (
+    ImageLoadError,
+    apply_window,
+    load_image,
+    load_images,
+    load_volume_slices,
+    resolve_image_path,
+    sample_indices,
+)
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX resolution of Windows paths")
 

@@ -125,11 +125,10 @@ def test_global_opt_in_covers_plain_models_with_the_same_numbers(clean_backend, 
 def test_dispatcher_ignores_backend_selection_kwargs_and_filters_the_wrong_fallback_note(clean_backend):
     import transformers.models.mamba.modeling_mamba as mm
 
-    from tests.test_selective_scan import make_inputs
-
     set_scan_scope("global")
-    ins = make_inputs(6, dtype=torch.float32)
-    args = [ins[n].detach() for n in ("u", "delta", "A", "B", "C")]
+    g = torch.Generator().manual_seed(0)
+    u, delta, B, C = (torch.randn(2, *shape, generator=g) for shape in ((5, 6), (5, 6), (4, 6), (4, 6)))
+    args = [u, delta.abs() * 0.5, -torch.rand(5, 4, generator=g) - 0.1, B, C]  # (B, D, L), A (D, N), (B, N, L)
     torch.testing.assert_close(mm.mamba_selective_scan(*args, use_mambapy=True, use_associative_scan=True),
                                selective_scan_ref(*args))
     hub_logger = logging.getLogger("transformers.integrations.hub_kernels")
@@ -186,13 +185,12 @@ def test_bare_import_and_auto_class_load_runs_the_fast_scan(tmp_path, micro_mode
     assert off["usage"] == {}, off  # the switch: no routing at all, transformers' function untouched
 
 
-def test_hf_vlm_generate_prefill_runs_the_fast_scan_with_identical_reports(clean_backend, tmp_path):
+def test_hf_vlm_generate_prefill_runs_the_fast_scan_with_identical_reports(clean_backend, tiny_checkpoint, tmp_path):
     import csv
 
     from hf_vlm.cli import main
-    from tests.test_generate_cli import build_tiny_checkpoint
 
-    checkpoint, assets = build_tiny_checkpoint(tmp_path)
+    checkpoint, assets = tiny_checkpoint(tmp_path)
     args = ["generate", "--checkpoint", str(checkpoint), "--images", assets.eval_csv, "--max_new_tokens", "6",
             "--no_progress"]
     reset_backend_usage()

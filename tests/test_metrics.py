@@ -17,8 +17,18 @@ import pytest
 
 from hf_vlm.cli import main as cli_main
 from hf_vlm.metrics import (
-    Fact, FindingsTable, compute_report_metrics, corpus_bleu, corpus_rouge_l, cider_d, extract_facts,
-    findings_scores, load_findings_table, text_repetition, tokenize, tokenize_joined,
+    Fact,
+    FindingsTable,
+    cider_d,
+    compute_report_metrics,
+    corpus_bleu,
+    corpus_rouge_l,
+    extract_facts,
+    findings_scores,
+    load_findings_table,
+    text_repetition,
+    tokenize,
+    tokenize_joined,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,10 +15,7 @@ import time
 import pytest
 from PIL import Image
 
-pytest.importorskip("gradio", reason="gradio is not installed (pip install 'hf_vlm[serve]')")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from test_generate_cli import build_tiny_checkpoint  # noqa: E402
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio is a test dependency: no skip
 
 SETTINGS = dict(max_new_tokens=8, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, do_sample=False,
                 temperature=1.0, top_p=1.0)
@@ -26,9 +23,9 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-brow
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("serve")
-    checkpoint, _ = build_tiny_checkpoint(root)
+    checkpoint, _ = tiny_checkpoint(root)
     image = sorted((root / "assets" / "data" / "images" / "eval").glob("*.png"))[0]
     return {"checkpoint": str(checkpoint), "image": image, "root": root}
 

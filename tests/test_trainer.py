@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from conftest import build_micro_config, make_args, make_micro_trainer
 
 from hf_vlm import MambaVLMForConditionalGeneration
 from hf_vlm.training import (
@@ -16,10 +15,6 @@ from hf_vlm.training import (
     describe_trainable,
     plot_loss_curve,
 )
-
-
-make_trainer = make_micro_trainer
-
 
 HIGH_LR = dict(bridge_learning_rate=1e-2, lora_learning_rate=1e-2, llm_learning_rate=1e-2)
 
@@ -33,10 +28,10 @@ HIGH_LR = dict(bridge_learning_rate=1e-2, lora_learning_rate=1e-2, llm_learning_
     ],
     ids=["align", "finetune-lora", "unfreeze-last-layer"],
 )
-def test_trainable_params_move_and_frozen_ones_stay_bit_identical(
-    micro_processor, csvs, tmp_path, overrides, trainable_parts
+def test_trainable_params_move_and_frozen_ones_stay_bit_identical(micro_trainer,
+    tmp_path, overrides, trainable_parts
 ):
-    trainer = make_trainer(micro_processor, csvs, tmp_path, **HIGH_LR, **overrides)
+    trainer = micro_trainer(tmp_path, **HIGH_LR, **overrides)
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -60,8 +55,8 @@ def test_trainable_params_move_and_frozen_ones_stay_bit_identical(
             assert torch.equal(param, before[name]), f"frozen {name} changed"
 
 
-def test_describe_trainable_rows(micro_processor, tmp_path):
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+def test_describe_trainable_rows(micro_config, make_args, tmp_path):
+    model = MambaVLMForConditionalGeneration(micro_config())
     apply_freeze_policy(model, make_args(tmp_path, stage="finetune", use_lora=True))
     rows = {r["component"]: r for r in describe_trainable(model)}
     assert rows["vision_tower"]["status"] == "frozen" and rows["language_model"]["status"] == "frozen"
@@ -69,11 +64,10 @@ def test_describe_trainable_rows(micro_processor, tmp_path):
     assert rows["lora"]["trainable"] > 0
 
 
-def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_processor, csvs, tmp_path):
+def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_trainer, tmp_path):
     lrs = dict(bridge_learning_rate=1e-3, qformer_learning_rate=1e-5, lora_learning_rate=2e-5,
                llm_learning_rate=3e-5, vision_learning_rate=4e-6)
-    trainer = make_trainer(
-        micro_processor, csvs, tmp_path, config_overrides={"bridge_type": "qformer"}, stage="finetune",
+    trainer = micro_trainer(tmp_path, config_overrides={"bridge_type": "qformer"}, stage="finetune",
         use_lora=True, unfreeze_llm_layers=1, unfreeze_vision_tower=True, weight_decay=0.1, **lrs,
     )
     optimizer = trainer.create_optimizer()
@@ -110,20 +104,20 @@ def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_pro
         (dict(healthy_loss_band=[8.0, 3.0, 0.5, 1.0]), r"low <= high"),
     ],
 )
-def test_arguments_refuse_known_bad_settings(tmp_path, overrides, message):
+def test_arguments_refuse_known_bad_settings(make_args, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, **overrides)
 
 
-def test_argument_defaults(tmp_path):
+def test_argument_defaults(make_args, tmp_path):
     args = make_args(tmp_path)
     assert args.remove_unused_columns is False and args.report_to in ("none", [], ["none"])
     assert args.bf16 is False  # CPU: no bf16 autocast by default
     assert args.lora_target_modules == ["in_proj"] and args.csv_log_name == "train_log.csv"
 
 
-def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_processor, csvs, tmp_path):
-    trainer = make_trainer(micro_processor, csvs, tmp_path, activation_checkpointing=True, max_steps=1,
+def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_trainer, tmp_path):
+    trainer = micro_trainer(tmp_path, activation_checkpointing=True, max_steps=1,
                            bridge_learning_rate=1e-2, freeze_check_steps=0)
     assert getattr(trainer.model, "_require_grads_hook", None) is not None
     before = trainer.model.bridge.linear_1.weight.detach().clone()
@@ -132,8 +126,8 @@ def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_pr
     assert not torch.equal(before, trainer.model.bridge.linear_1.weight)
 
 
-def test_csv_log_and_loss_plot(micro_processor, csvs, tmp_path):
-    trainer = make_trainer(micro_processor, csvs, tmp_path, eval_data=True, max_steps=3, eval_strategy="steps",
+def test_csv_log_and_loss_plot(micro_trainer, tmp_path):
+    trainer = micro_trainer(tmp_path, eval_data=True, max_steps=3, eval_strategy="steps",
                            eval_steps=3, vision_probe=True, plot_loss=True, bridge_learning_rate=1e-3)
     with pytest.warns(UserWarning):  # an untrained bridge: the vision probe says the model is blind
         trainer.train()
@@ -156,10 +150,10 @@ def test_csv_log_and_loss_plot(micro_processor, csvs, tmp_path):
     assert band_green > 2_000, "the target band (0.5-1.0) should be drawn"
 
 
-def test_checkpoint_can_leave_out_frozen_vision_weights(micro_processor, csvs, tmp_path):
+def test_checkpoint_can_leave_out_frozen_vision_weights(micro_trainer, tmp_path):
     from safetensors import safe_open
 
-    trainer = make_trainer(micro_processor, csvs, tmp_path, max_steps=1, save_frozen_vision_weights=False,
+    trainer = micro_trainer(tmp_path, max_steps=1, save_frozen_vision_weights=False,
                            freeze_check_steps=0)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))

@@ -2,7 +2,7 @@
 
 Why this exists: without the mamba-ssm CUDA kernels, transformers falls back to a
 sequential loop whose autograd graph stores several ``(B, D, L, N)`` tensors and whose
-backward grows quadratically with ``L`` (DESIGN.md section 3). Here the recurrence
+backward grows quadratically with ``L`` (docs/architecture.md, "Facts that bite"). Here the recurrence
 
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,     y_t = C_t . h_t + D * u_t
 

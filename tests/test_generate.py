@@ -15,41 +15,10 @@ from hf_vlm.cli import main
 GEN = ["--max_new_tokens", "8", "--no_progress"]
 
 
-def build_tiny_checkpoint(root, llm_8bit: bool = False):
-    """A micro checkpoint whose greedy reports are long and varied (an untrained micro LM
-    otherwise answers EOS at once): random, untied output head and a loud bridge."""
-    from hf_vlm import MambaVLMForConditionalGeneration, MambaVLMProcessor
-    from hf_vlm.demo_assets import build_demo_assets
-    from hf_vlm.loading import bnb_quantization_config
-
-    assets = build_demo_assets(str(root / "assets"), n_train=16, n_eval=4, preset="micro", lm_steps=0)
-    processor = MambaVLMProcessor.from_pretrained(assets.processor_path)
-    torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration.from_components(
-        assets.vision_path, assets.llm_path, max_visual_tokens=processor.max_visual_tokens,
-        image_token_id=processor.image_token_id,
-        llm_quantization_config=bnb_quantization_config() if llm_8bit else None)
-    if not llm_8bit:
-        with torch.no_grad():
-            model.get_input_embeddings().weight.normal_(0, 1.0)
-            for param in model.bridge.parameters():
-                param.normal_(0, 2.0)
-            for layer in model.language_model.backbone.layers:  # let the context, not the last token, decide
-                layer.mixer.in_proj.weight.normal_(0, 0.3)
-                layer.mixer.out_proj.weight.normal_(0, 0.3)
-        for config in (model.config, model.config.text_config, model.language_model.config):
-            config.tie_word_embeddings = False
-        model.language_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.language_model.lm_head.weight))
-    checkpoint = root / ("ckpt8" if llm_8bit else "ckpt")
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-    return checkpoint, assets
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("generate")
-    checkpoint, assets = build_tiny_checkpoint(root)
+    checkpoint, assets = tiny_checkpoint(root)
     folder = root / "images"
     folder.mkdir()
     eval_images = sorted((root / "assets" / "data" / "images" / "eval").glob("*.png"))
@@ -185,8 +154,8 @@ def test_beams_of_a_multi_image_study_see_its_own_images(tiny):
     assert torch.allclose(prefill[0], expected.repeat_interleave(2, dim=0))
 
 
-def test_8bit_checkpoint_loads_in_8bit_and_refuses_full_precision(tmp_path, capsys):
-    checkpoint, assets = build_tiny_checkpoint(tmp_path, llm_8bit=True)
+def test_8bit_checkpoint_loads_in_8bit_and_refuses_full_precision(tiny_checkpoint, tmp_path, capsys):
+    checkpoint, assets = tiny_checkpoint(tmp_path, llm_8bit=True)
     image = sorted((tmp_path / "assets" / "data" / "images" / "eval").glob("*.png"))[0]
     out = tmp_path / "r.csv"
     assert main(["generate", "--checkpoint", str(checkpoint), "--images", str(image), "--output", str(out), *GEN]) == 0

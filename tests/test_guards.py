@@ -13,7 +13,6 @@ import types
 
 import pytest
 import torch
-from conftest import build_micro_config, make_args, make_micro_trainer
 
 from hf_vlm import MambaVLMForConditionalGeneration
 from hf_vlm.data.collator import IGNORE_INDEX, DataCollatorForMambaVLM
@@ -21,9 +20,13 @@ from hf_vlm.training import apply_freeze_policy
 from hf_vlm.training.callbacks import GuardError, GuardWarning, LossHealthCallback, VisionProbe
 
 
-def make_trainer(processor, csvs, out, **overrides):
-    overrides.setdefault("bridge_learning_rate", 1e-2)  # guards need the bridge to move in 2 steps
-    return make_micro_trainer(processor, csvs, out, **overrides)
+@pytest.fixture
+def make_trainer(micro_trainer):
+    def build(out, **overrides):
+        overrides.setdefault("bridge_learning_rate", 1e-2)  # guards need the bridge to move in 2 steps
+        return micro_trainer(out, **overrides)
+
+    return build
 
 
 def scale_bridge_output(model, factor_for_call):
@@ -41,11 +44,11 @@ def scale_bridge_output(model, factor_for_call):
 
 
 # (a) ------------------------------------------------------------------------------------------
-def test_collapse_guard_stops_when_visual_features_die(micro_processor, csvs, tmp_path):
+def test_collapse_guard_stops_when_visual_features_die(make_trainer, micro_config, tmp_path):
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+    model = MambaVLMForConditionalGeneration(micro_config())
     scale_bridge_output(model, lambda n: 0.2**n)  # the proxy-loss failure: features driven to 0
-    trainer = make_trainer(micro_processor, csvs, tmp_path, model=model, max_steps=8, collapse_patience=2)
+    trainer = make_trainer(tmp_path, model=model, max_steps=8, collapse_patience=2)
     trainer.train()
     assert trainer.state.global_step < 8, "training should have been stopped"
     assert any("collapsing to zero" in t and "from_scratch" in t for t in trainer.guard_trips)
@@ -82,20 +85,19 @@ class SupervisesNothing(DataCollatorForMambaVLM):
         (SupervisesNothing, r"no supervised token"),
     ],
 )
-def test_mask_guard_raises_on_wrong_masks(micro_processor, csvs, tmp_path, collator_cls, message):
+def test_mask_guard_raises_on_wrong_masks(make_trainer, micro_processor, tmp_path, collator_cls, message):
     collator = collator_cls(micro_processor.tokenizer.pad_token_id, image_token_id=micro_processor.image_token_id)
-    trainer = make_trainer(micro_processor, csvs, tmp_path, collator=collator)
+    trainer = make_trainer(tmp_path, collator=collator)
     with pytest.raises(GuardError, match=message):
         trainer.train()
 
 
-def test_low_first_step_loss_and_sustained_low_loss_are_flagged(micro_processor, csvs, tmp_path):
+def test_low_first_step_loss_and_sustained_low_loss_are_flagged(make_trainer, tmp_path):
     # Stage 1's proxy "loss" (mean squared visual token) is ~1e-4 from the first step
     def proxy(outputs, labels, num_items_in_batch=None):
         return outputs.image_hidden_states.pow(2).mean()
 
-    trainer = make_trainer(
-        micro_processor, csvs, tmp_path, max_steps=3, suspicious_loss_patience=3, freeze_check_steps=0,
+    trainer = make_trainer(tmp_path, max_steps=3, suspicious_loss_patience=3, freeze_check_steps=0,
         trainer_kwargs={"compute_loss_func": proxy},
     )
     with pytest.warns(GuardWarning, match=r"the masks are probably wrong \(visual \+ prompt must be -100\)"):
@@ -105,30 +107,30 @@ def test_low_first_step_loss_and_sustained_low_loss_are_flagged(micro_processor,
 
 
 # (c) ------------------------------------------------------------------------------------------
-def test_freeze_guard_names_unfrozen_llm_params_in_align(micro_processor, csvs, tmp_path):
+def test_freeze_guard_names_unfrozen_llm_params_in_align(make_trainer, micro_config, make_args, tmp_path):
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+    model = MambaVLMForConditionalGeneration(micro_config())
     apply_freeze_policy(model, make_args(tmp_path))  # stage="align"
     model.language_model.requires_grad_(True)  # the seed bug: "LLM meant to be frozen was not"
-    trainer = make_trainer(micro_processor, csvs, tmp_path, model=model)
+    trainer = make_trainer(tmp_path, model=model)
     n_llm = len(list(model.language_model.parameters()))
     with pytest.raises(GuardError, match=rf"{n_llm} parameter tensor\(s\) require grad: language_model\.backbone\."):
         trainer.train()
     assert trainer.state.global_step == 0
 
 
-def test_freeze_guard_warn_mode_keeps_training(micro_processor, csvs, tmp_path):
+def test_freeze_guard_warn_mode_keeps_training(make_trainer, micro_config, make_args, tmp_path):
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+    model = MambaVLMForConditionalGeneration(micro_config())
     apply_freeze_policy(model, make_args(tmp_path))
     model.language_model.backbone.norm_f.requires_grad_(True)
-    trainer = make_trainer(micro_processor, csvs, tmp_path, model=model, guard_action="warn", max_steps=1)
+    trainer = make_trainer(tmp_path, model=model, guard_action="warn", max_steps=1)
     with pytest.warns(GuardWarning, match=r"language_model\.backbone\.norm_f\.weight"):
         trainer.train()
     assert trainer.state.global_step == 1
 
 
-def test_freeze_guard_catches_frozen_weights_that_change(micro_processor, csvs, tmp_path):
+def test_freeze_guard_catches_frozen_weights_that_change(make_trainer, tmp_path):
     from transformers import TrainerCallback
 
     class EditsFrozenWeight(TrainerCallback):
@@ -136,18 +138,17 @@ def test_freeze_guard_catches_frozen_weights_that_change(micro_processor, csvs, 
             with torch.no_grad():
                 model.vision_tower.embeddings.patch_embeddings.projection.weight.add_(1e-3)
 
-    trainer = make_trainer(micro_processor, csvs, tmp_path, trainer_kwargs={"callbacks": [EditsFrozenWeight()]})
+    trainer = make_trainer(tmp_path, trainer_kwargs={"callbacks": [EditsFrozenWeight()]})
     with pytest.raises(GuardError, match=r"frozen parameter tensor\(s\) changed: vision_tower\.embeddings"):
         trainer.train()
 
 
 # (d) ------------------------------------------------------------------------------------------
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(micro_processor, csvs, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_trainer, micro_config, tmp_path):
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+    model = MambaVLMForConditionalGeneration(micro_config())
     scale_bridge_output(model, lambda n: float("nan") if n >= 3 else 1.0)  # NaN from step 3 on
-    trainer = make_trainer(
-        micro_processor, csvs, tmp_path, model=model, max_steps=6, save_strategy="steps", save_steps=1,
+    trainer = make_trainer(tmp_path, model=model, max_steps=6, save_strategy="steps", save_steps=1,
         save_only_model=True,
     )
     trainer.train()
@@ -159,11 +160,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(micro_processor, csvs, tm
 
 
 # (e) ------------------------------------------------------------------------------------------
-def test_vision_probe_warns_for_an_image_blind_model(micro_processor, csvs, tmp_path):
+def test_vision_probe_warns_for_an_image_blind_model(make_trainer, micro_config, tmp_path):
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor))
+    model = MambaVLMForConditionalGeneration(micro_config())
     model.bridge.register_forward_hook(lambda module, inputs, output: output * 0)  # no visual signal at all
-    trainer = make_trainer(micro_processor, csvs, tmp_path, model=model, eval_data=True, vision_probe=True)
+    trainer = make_trainer(tmp_path, model=model, eval_data=True, vision_probe=True)
     with pytest.warns(GuardWarning, match="the model is blind to the image"):
         metrics = trainer.evaluate()
     assert abs(metrics["eval_vision_gap"]) < 1e-6

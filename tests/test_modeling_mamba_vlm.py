@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from conftest import build_micro_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from hf_vlm import MambaVLMConfig, MambaVLMForConditionalGeneration
@@ -21,9 +20,9 @@ def _inputs(processor, images, prompts=None):
 
 
 @pytest.mark.parametrize("bridge_type", ["mlp", "qformer"])
-def test_save_load_through_auto_classes_gives_identical_logits(tmp_path, micro_processor, ct_images, bridge_type):
+def test_save_load_through_auto_classes_gives_identical_logits(micro_config, tmp_path, micro_processor, ct_images, bridge_type):
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor, bridge_type=bridge_type)).eval()
+    model = MambaVLMForConditionalGeneration(micro_config(bridge_type=bridge_type)).eval()
     model.save_pretrained(tmp_path)
     micro_processor.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).bridge_type == bridge_type
@@ -35,20 +34,6 @@ def test_save_load_through_auto_classes_gives_identical_logits(tmp_path, micro_p
         assert isinstance(loaded, MambaVLMForConditionalGeneration)
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
-
-
-@pytest.mark.parametrize(
-    "overrides,message",
-    [
-        ({"bridge_type": "linear"}, r"bridge_type must be one of \('mlp', 'qformer'\)"),
-        ({"bridge_pooling": "median"}, r"bridge_pooling must be one of \('avg', 'max'\)"),
-        ({"max_visual_tokens": 0}, "max_visual_tokens must be a positive integer"),
-        ({"vision_feature_select_strategy": "cls"}, r"vision_feature_select_strategy must be one of"),
-    ],
-)
-def test_config_validation_names_allowed_values(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        MambaVLMConfig(**overrides)
 
 
 def test_placeholder_count_mismatch_raises(micro_model, micro_processor, ct_images):
@@ -72,10 +57,10 @@ def test_visual_embeddings_land_at_placeholders(micro_model, micro_processor, ct
     assert image_features.shape == (1, micro_processor.max_visual_tokens, micro_model.config.text_config.hidden_size)
 
 
-def test_from_components_keeps_pretrained_weights(tmp_path, micro_processor):
+def test_from_components_keeps_pretrained_weights(micro_config, tmp_path, micro_processor):
     from transformers import MambaForCausalLM, ViTModel
 
-    config = build_micro_config(micro_processor)
+    config = micro_config()
     torch.manual_seed(1)
     ViTModel(config.vision_config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
     MambaForCausalLM(config.text_config).save_pretrained(tmp_path / "llm")
@@ -90,9 +75,9 @@ def test_from_components_keeps_pretrained_weights(tmp_path, micro_processor):
         assert torch.equal(model.vision_tower.state_dict()[name], tensor), name
 
 
-def test_batched_greedy_generation_equals_one_by_one(micro_processor, ct_images, tokenizer):
+def test_batched_greedy_generation_equals_one_by_one(micro_config, micro_processor, ct_images, tokenizer):
     torch.manual_seed(3)
-    model = MambaVLMForConditionalGeneration(build_micro_config(micro_processor)).eval()
+    model = MambaVLMForConditionalGeneration(micro_config()).eval()
     prompts = ["请描述。", "请根据CT图像写出影像所见，注意结节位置。", None]
     kwargs = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
     batched = model.generate(**_inputs(micro_processor, ct_images[:3], prompts), **kwargs)

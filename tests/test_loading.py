@@ -1,6 +1,6 @@
 """bitsandbytes 8-bit / 4-bit loading of the Mamba LLM, on CPU.
 
-Proves what DESIGN.md section 3 asks: the quantised LLM runs forward, lets the gradient
+Proves what docs/architecture.md ("8-bit") asks: the quantised LLM runs forward, lets the gradient
 through into the bridge while frozen, generates, and stays close to the full-precision model;
 and that every entry of `MAMBA_INT8_SKIP_MODULES` is needed (each failure is reproduced).
 Tolerances below are bounds with margin over what was measured (docs/quantization.md).
@@ -12,7 +12,6 @@ import logging
 
 import pytest
 import torch
-from conftest import build_micro_config
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 
@@ -52,10 +51,10 @@ def _quantised_names(model) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory, micro_processor):
+def parts(micro_config, tmp_path_factory, micro_processor):
     """Micro ViT + micro Mamba LLM saved to disk, as a real checkpoint would be."""
     root = tmp_path_factory.mktemp("quant")
-    config = build_micro_config(micro_processor)
+    config = micro_config()
     torch.manual_seed(1)
     ViTModel(config.vision_config, add_pooling_layer=False).save_pretrained(root / "vit")
     MambaForCausalLM(config.text_config).save_pretrained(root / "llm")

@@ -121,8 +121,8 @@ def test_preflight_passes_on_tiny_demo_and_fails_on_broken_recipes(micro, capsys
 def test_two_stages_chain_through_init_from_with_lora_on_an_8bit_llm(tmp_path, micro):
     """Stage 1 (align) -> Stage 2 (LoRA on the 8-bit LLM, init_from Stage 1): the final output is a
     plain checkpoint (LoRA merged, LLM de-quantised) that loads in one call, and its card lists both stages."""
-    from hf_vlm.training.run import train_from_recipe
     from hf_vlm.checkpoints import load_vlm_checkpoint
+    from hf_vlm.training.run import train_from_recipe
 
     stage1 = tmp_path / "stage1"
     train_from_recipe("tiny_demo", {**micro, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": 2,
