@@ -19,7 +19,8 @@ The ladder (first usable rung wins, per call, by the tensors' device; logged onc
 1. `mamba_ssm`: mamba-ssm + causal-conv1d importable and the inputs on CUDA; transformers' own
    function already calls the fused kernel, so it is used as is;
 2. `hub_kernels`: transformers' `kernels` integration when the user enabled it (never in tests);
-3. `hf_vlm_triton`: a Triton kernel on CUDA (registered by `hf_vlm.ops.triton_scan` when present);
+3. `hf_vlm_triton`: our Triton kernels (`hf_vlm.ops.triton_scan`) when triton is installed and the
+   inputs are on CUDA; triton is imported on the first CUDA call, never at `import hf_vlm`;
 4. `hf_vlm_chunked`: our chunked pure-PyTorch scan (`hf_vlm.ops.selective_scan`);
 5. `transformers_reference`: transformers' sequential fallback.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -93,6 +95,40 @@ def _hub_kernels_enabled() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # looked up, not imported
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("hf_vlm.ops.triton_scan")
+    except Exception as exc:  # a broken or too old triton install
+        return f"triton import failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    if not _triton_installed():
+        return "triton not installed (pip install triton; on Windows: pip install triton-windows)"
+    if device.type != "cuda":
+        return "needs CUDA tensors"
+    return _triton_import_error()
+
+
+def _triton_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 return_last_state=False, **kwargs):
+    """Our Triton scan with transformers' `mamba_selective_scan` signature; fp64 calls (which the
+    fp32 kernels refuse) go to the chunked scan."""
+    if torch.float64 in (hidden_states.dtype, dt.dtype, A.dtype):
+        return _chunked_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    from .triton_scan import selective_scan as triton_selective_scan
+
+    return triton_selective_scan(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                 delta_softplus=delta_softplus, return_last_state=return_last_state)
+
+
 def _chunked_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                   return_last_state=False, **kwargs):
     """Our chunked scan with transformers' `mamba_selective_scan` signature (ignores `use_mambapy`,
@@ -123,7 +159,7 @@ _RUNGS: dict[str, ScanRung] = {
     "mamba_ssm": ScanRung("mamba_ssm", _cuda_only("mamba-ssm / causal-conv1d not importable", mamba_kernels_available)),
     "hub_kernels": ScanRung("hub_kernels", _cuda_only("`kernels` not installed or USE_HUB_KERNELS not set",
                                                       _hub_kernels_enabled)),
-    "hf_vlm_triton": ScanRung("hf_vlm_triton", lambda device: "hf_vlm.ops.triton_scan not available"),
+    "hf_vlm_triton": ScanRung("hf_vlm_triton", _triton_unavailable, _triton_scan),
     "hf_vlm_chunked": ScanRung("hf_vlm_chunked", lambda device: None, _chunked_scan),
     "transformers_reference": ScanRung("transformers_reference", lambda device: None),
 }
