@@ -11,6 +11,12 @@ place (and `tests/test_compat.py` says which). See docs/architecture.md ("Facts 
   at call time (our fast scan is routed in there, see `hf_vlm.ops.kernels`).
 * `MIXER_CLASS_NAMES`: the Mamba-1 mixer classes of those modules (the scope of the fast scan).
 * `HUB_KERNELS_LOGGER`: where transformers logs its "falling back to the PyTorch path" notes.
+* `modeling_module(model_type)`: transformers' modeling module of a model type (the state-space
+  families keep their scan and fused-kernel entry points there as module globals).
+* `SSD_SCAN_FUNCTION`: the chunked SSD function the Mamba-2 mixers call (the benchmark swaps in
+  its scan-free floor there).
+* `FUSED_KERNEL_FUNCTIONS`: mamba-ssm's fused training kernels, which receive mixer weights as raw
+  tensors (`tests/test_backbones.py` records what they get to derive the LoRA / int8 lists).
 * Generation hooks: `GenerationMixin.prepare_inputs_for_generation` and
   `_expand_inputs_for_generation` are overridden by the model; their keyword contracts are
   checked by `generation_hooks_compatible()` (run by the tests on every release we test).
@@ -45,7 +51,16 @@ _SCAN_MODULES = {
     "transformers.models.jamba.modeling_jamba": "JambaMambaMixer",
 }
 SCAN_FUNCTION = "mamba_selective_scan"
+SSD_SCAN_FUNCTION = "mamba2_chunk_scan"
+SSD_CHUNK_ATTRIBUTE = "chunk_size"  # read by the Mamba-2 mixers at every forward
+# Mamba-1 training kernel, Mamba-2 training kernel (each returns None without mamba-ssm: the torch path runs)
+FUSED_KERNEL_FUNCTIONS = ("mamba_inner_fn", "mamba2_split_conv1d_scan_combined")
 HUB_KERNELS_LOGGER = "transformers.integrations.hub_kernels"
+
+
+def modeling_module(model_type: str):
+    """`transformers.models.<type>.modeling_<type>` (the layout every supported SSM family follows)."""
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
 def scan_patch_points() -> dict[str, Any]:
@@ -109,14 +124,18 @@ def generation_hooks_compatible() -> list[str]:
 
 __all__ = [
     "CACHE_FIELD",
+    "FUSED_KERNEL_FUNCTIONS",
     "HUB_KERNELS_LOGGER",
     "LEGACY_CACHE_FIELD",
     "SCAN_FUNCTION",
+    "SSD_CHUNK_ATTRIBUTE",
+    "SSD_SCAN_FUNCTION",
     "TRANSFORMERS_VERSION",
     "cache_kwargs",
     "generation_hooks_compatible",
     "lm_cache",
     "mixer_classes",
+    "modeling_module",
     "pop_cache_kwarg",
     "scan_patch_points",
 ]
