@@ -9,7 +9,9 @@
   final save: peft's wrapped parameter names (`language_model.base_model.model...`) would
   otherwise make the final checkpoint unloadable by `from_pretrained`, by generation and by the
   next stage's `init_from`. Periodic `checkpoint-N` keep the training form, for resuming.
-* `push_output_dir` uploads the final model, processor, card and logs.
+* `push_output_dir` uploads a self-contained copy: the tower included, model + processor
+  registered for the Auto classes with remote code (`hf_vlm.publishing`).
+* An external tower is verified by a content hash recorded at save time (`hf_vlm.tower_identity`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from .tower_identity import TOWER_HASH_KEY, check_tower_hash, tower_weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +85,24 @@ def write_checkpoint_info(path: str, *, tower_saved: bool, vision_model_name_or_
 
 
 class CheckpointInfoCallback(TrainerCallback):
-    """Writes hf_vlm_checkpoint.json into every `checkpoint-N` the Trainer saves (main process)."""
+    """Writes hf_vlm_checkpoint.json into every `checkpoint-N` the Trainer saves (main process).
 
-    def __init__(self, tower_saved: bool, vision_model_name_or_path: str | None):
-        self.tower_saved, self.source = tower_saved, vision_model_name_or_path
+    `MambaVLMTrainer` calls `write_checkpoint_record` before it marks the checkpoint complete,
+    so the record is part of what the completion marker vouches for; `on_save` covers a plain
+    `Trainer`. `extra` (the tower hash, the run settings a resume is checked against) goes in too.
+    """
+
+    def __init__(self, tower_saved: bool, vision_model_name_or_path: str | None, **extra):
+        self.tower_saved, self.source, self.extra = tower_saved, vision_model_name_or_path, extra
+
+    def write_checkpoint_record(self, path: str, args=None, state=None) -> None:
+        write_checkpoint_info(path, tower_saved=self.tower_saved, vision_model_name_or_path=self.source, **self.extra)
 
     def on_save(self, args, state, control, **kwargs):
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(path):
-            write_checkpoint_info(path, tower_saved=self.tower_saved, vision_model_name_or_path=self.source)
+        written = os.path.isfile(os.path.join(path, CHECKPOINT_INFO))
+        if state.is_world_process_zero and os.path.isdir(path) and not written:
+            self.write_checkpoint_record(path)
 
 
 
@@ -106,10 +119,13 @@ def save_vlm_checkpoint(model, output_dir: str, *, save_frozen_vision_weights: b
         drop = False
     if state_dict is None:
         state_dict = model.state_dict()
+    extra = {}
     if drop:
         state_dict = without_frozen_tower(state_dict)
+        extra[TOWER_HASH_KEY] = tower_weights_hash(model.vision_tower)  # the re-attached tower is verified
     model.save_pretrained(output_dir, state_dict=state_dict, **save_kwargs)
-    write_checkpoint_info(output_dir, tower_saved=not drop, vision_model_name_or_path=vision_model_name_or_path)
+    write_checkpoint_info(output_dir, tower_saved=not drop, vision_model_name_or_path=vision_model_name_or_path,
+                          **extra)
 
 
 def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = None, quantization_config=None,
@@ -151,7 +167,7 @@ def reattach_vision_tower(model, checkpoint: str, vision_model_name_or_path: str
     tower in place and the model would describe noise: a silent failure. Returns True if re-attached.
     """
     if not os.path.isdir(checkpoint):
-        return False  # hub checkpoints: pushed with their tower (see the model card)
+        return False  # hub checkpoints: pushed with their tower (`push_output_dir`)
     info = read_checkpoint_info(checkpoint)
     if info.get("vision_tower_weights") != "external":
         return False
@@ -163,7 +179,13 @@ def reattach_vision_tower(model, checkpoint: str, vision_model_name_or_path: str
         )
     from .loading import load_vision_tower
 
-    tower = load_vision_tower(source, dtype=next(model.bridge.parameters()).dtype)
+    tower = load_vision_tower(source)  # in its stored precision: hashed before any cast
+    recorded = info.get(TOWER_HASH_KEY)
+    check_tower_hash(tower, recorded, source, checkpoint)
+    if not recorded:
+        logger.warning("%s records no %s (saved by an older hf_vlm): the tower at %s is not verified",
+                       checkpoint, TOWER_HASH_KEY, source)
+    tower.to(next(model.bridge.parameters()).dtype)
     missing, unexpected = model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
     if unexpected or [k for k in missing if "pooler" not in k]:
         model.vision_tower = tower  # different head layout: take the loaded module as is
@@ -224,14 +246,21 @@ def export_plain_model(model) -> dict:
 
 
 def push_output_dir(output_dir: str, training_args) -> str:
-    """Upload the final model, processor, card and logs (not the intermediate checkpoints)."""
+    """Upload a self-contained copy of the final model (tower included, Auto classes registered with
+    remote code, see `hf_vlm.publishing`), processor, card and logs; never the intermediate checkpoints."""
+    import tempfile
+
     from huggingface_hub import HfApi
+
+    from .publishing import stage_for_push
 
     repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
     api = HfApi(token=training_args.hub_token)
     repo_id = api.create_repo(repo_id, private=bool(training_args.hub_private_repo), exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message="hf_vlm: final model and card",
-                      ignore_patterns=_IGNORE_ON_PUSH)
+    with tempfile.TemporaryDirectory(prefix="hf_vlm_push_") as staging:
+        stage_for_push(output_dir, staging)
+        api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message="hf_vlm: final model and card",
+                          ignore_patterns=_IGNORE_ON_PUSH)
     logger.info("Pushed %s to https://huggingface.co/%s", output_dir, repo_id)
     return repo_id
 

@@ -35,6 +35,21 @@ class SettingsMismatchError(ValueError):
     """An inference setting contradicts what the checkpoint was trained with."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """The checkpoint holds NaN/Inf weights: every report would be empty or garbage."""
+
+
+def check_finite_weights(model, checkpoint: str) -> None:
+    """Refuse a model with NaN/Inf in any floating-point parameter (names the first few)."""
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise NonFiniteWeightsError(
+            f"{checkpoint} has NaN/Inf weights in {len(bad)} tensor(s): {shown}. It was saved after training "
+            "diverged; use the last good checkpoint of that run (hf-vlm train prints it) instead."
+        )
+
+
 def _uses_8bit(config) -> bool:
     for holder in (config, getattr(config, "text_config", None)):
         qc = getattr(holder, "quantization_config", None) if holder is not None else None
@@ -133,6 +148,7 @@ def load_for_inference(
     else:
         kwargs["dtype"] = pick_dtype(dtype, target)
     model = MambaVLMForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
+    check_finite_weights(model, checkpoint)
     if not settings["llm_8bit"]:
         model.to(target)
     model.eval()
@@ -217,7 +233,8 @@ def generate_reports(model, processor, images: Sequence[Sequence], prompts: Sequ
 
 
 __all__ = [
-    "SettingsMismatchError", "build_generate_kwargs", "check_settings", "generate_batch", "generate_reports",
+    "NonFiniteWeightsError", "SettingsMismatchError", "build_generate_kwargs", "check_finite_weights",
+    "check_settings", "generate_batch", "generate_reports",
     "load_for_inference",
     "pick_device", "pick_dtype", "read_training_settings",
 ]

@@ -177,3 +177,85 @@ def test_recipe_evaluation_generates_reports_and_picks_the_best_by_findings_f1(t
         assert key in result["metrics"], sorted(result["metrics"])
     assert result["best_model_checkpoint"] is not None
     assert list((tmp_path / "run").glob("samples_step_*.jsonl"))  # sample reports next to the truth
+
+
+# --- issue 13: runs and checkpoints you can trust ------------------------------------------------
+def _eval_csv_with_a_missing_image(micro, tmp_path, bad_row: int = 5) -> Path:
+    """8 rows of the shared synthetic train CSV (absolute paths), row `bad_row`'s image missing."""
+    import csv
+
+    source = Path(micro["synthetic_dir"]) / "data" / "train.csv"
+    with open(source, encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:8]
+    for row in rows:
+        row["image_path"] = str((source.parent / row["image_path"]).resolve())
+    rows[bad_row]["image_path"] = str(tmp_path / "gone" / "slice_059.png")
+    path = tmp_path / "eval.csv"
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_nan_run_saves_nothing_as_final_and_exits_3(tmp_path, micro, capsys):
+    """Case 1: lr 1e39 used to keep an all-inf checkpoint, print `Saved to`, and exit 1."""
+    from hf_vlm.cli import main
+
+    out = tmp_path / "nan"
+    code = main(["train", "tiny_demo", *_flags({**micro, "max_steps": 4, "save_steps": 1, "learning_rate": 1e39,
+                                                 "bridge_learning_rate": 1e39, "llm_learning_rate": 1e39,
+                                                 "warmup_steps": 0, "output_dir": out})])
+    printed = capsys.readouterr().out
+    assert code == 3, printed
+    assert "NaN/Inf at step 1" in printed and "Nothing was saved as the final model" in printed
+    assert "No good checkpoint was written" in printed and "Saved to" not in printed
+    for name in ("model.safetensors", "config.json", "README.md", "processor_config.json"):
+        assert not (out / name).exists(), name
+    assert (out / "train_log.csv").exists()  # the diagnosis stays
+
+
+def test_bad_eval_image_is_named_before_step_0_and_preflight_fails(tmp_path, micro):
+    """Case 2: a missing eval image used to surface only in the final evaluation, after training."""
+    from hf_vlm.commands.preflight import FAIL, run_preflight
+    from hf_vlm.training.run import train_from_recipe
+
+    eval_csv = _eval_csv_with_a_missing_image(micro, tmp_path)
+    run = {**micro, "max_steps": 2, "save_strategy": "no", "eval_file": str(eval_csv), "eval_samples": 0}
+    with pytest.raises(ValueError, match=rf"(?s){eval_csv}: 1 unreadable image\(s\).*row_id 5: .*slice_059.png: file not found"):
+        train_from_recipe("tiny_demo", {**run, "output_dir": str(tmp_path / "checked")})
+    assert not (tmp_path / "checked" / "train_log.csv").exists()  # stopped before step 0
+    rows = {name: (status, detail) for name, status, detail in run_preflight("tiny_demo", run)}
+    assert rows["build"][0] == FAIL and "row_id 5" in rows["build"][1] and "slice_059.png" in rows["build"][1]
+
+
+def test_final_evaluation_error_does_not_lose_the_trained_model(tmp_path, micro):
+    """Case 2: the final save now comes first; the evaluation error is reported, not fatal."""
+    from hf_vlm.checkpoints import load_vlm_checkpoint
+    from hf_vlm.training.run import train_from_recipe
+
+    eval_csv = _eval_csv_with_a_missing_image(micro, tmp_path)
+    out = tmp_path / "run"
+    result = train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "save_strategy": "no", "eval_file": str(eval_csv),
+                                             "eval_samples": 0, "validate_images": "off", "output_dir": str(out)})
+    assert result["saved"] and "slice_059.png" in result["evaluation_error"]
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    load_vlm_checkpoint(str(out))  # the finished run is usable
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, micro):
+    """Case 4: a second run used to overwrite the first; `resume last` resumed the old run's checkpoint."""
+    from hf_vlm.training.run import train_from_recipe
+
+    out = str(tmp_path / "run")
+    first = train_from_recipe("tiny_demo", {**micro, "max_steps": 4, "save_steps": 2, "output_dir": out})
+    assert first["global_step"] == 4
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "output_dir": out})
+    with pytest.raises(ValueError, match=r"checkpoint-4: .*at step 4 but this run has max_steps=2"):
+        train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "output_dir": out, "resume_from_checkpoint": "last"})
+    with pytest.raises(ValueError, match=r"max_visual_tokens: 4 in the checkpoint, 8 now"):
+        train_from_recipe("tiny_demo", {**micro, "max_steps": 6, "max_visual_tokens": 8, "output_dir": out,
+                                        "resume_from_checkpoint": "last"})
+    again = train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "output_dir": out, "overwrite_output_dir": True})
+    assert again["global_step"] == 2 and not (Path(out) / "checkpoint-4").exists()

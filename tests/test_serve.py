@@ -123,3 +123,37 @@ def test_browser_upload_generate_and_read(served, server, tmp_path):
         assert report.get_attribute("value") == expected
     finally:
         driver.quit()
+
+
+def test_every_input_path_has_the_pixel_limit_and_no_temp_path_leaks(served, tmp_path):
+    """Issue 13, case 9: the Image widget used to hand over a decoded PIL image of any size (a
+    169-megapixel PNG was accepted), while the File widget enforced the limit; errors showed the
+    server's temp paths."""
+    import gradio as gr
+
+    from hf_vlm.commands.serve import build_app, make_generate_fn
+    from hf_vlm.inference import load_for_inference
+
+    model, processor, _ = load_for_inference(served["checkpoint"])
+    fn = make_generate_fn(model, processor, max_image_pixels=48 * 48)
+    upload_dir = tmp_path / "gradio" / "0f3a9c"
+    upload_dir.mkdir(parents=True)
+    big = upload_dir / "scan.png"
+    Image.new("RGB", (64, 64)).save(big)
+    for image, file in ((str(big), None), (None, str(big)), (Image.open(big), None)):
+        with pytest.raises(gr.Error) as error:
+            list(fn(image, file, "", *SETTINGS.values()))
+        message = str(error.value)
+        assert "4096 pixels exceeds" in message, message
+        assert str(upload_dir) not in message and "0f3a9c" not in message, message
+    bad = upload_dir / "bad.dcm"
+    bad.write_bytes(b"not dicom")
+    with pytest.raises(gr.Error) as error:
+        list(fn(None, str(bad), "", *SETTINGS.values()))
+    assert "bad.dcm" in str(error.value) and str(upload_dir) not in str(error.value)
+    small = make_generate_fn(model, processor)(str(served["image"]), None, "", *SETTINGS.values())  # a path works
+    assert list(small)[-1] == expected_report(served)
+
+    app = build_app(served["checkpoint"], max_image_pixels=48 * 48)
+    widget = next(block for block in app.blocks.values() if getattr(block, "elem_id", None) == "image")
+    assert widget.type == "filepath" and widget.image_mode is None  # gradio then passes the path, undecoded

@@ -50,6 +50,7 @@ def run_stages(args) -> dict:
         "learning_rate": args.learning_rate,
         "bridge_learning_rate": args.learning_rate,
         "llm_learning_rate": args.learning_rate,
+        "overwrite_output_dir": True,  # the demo re-runs into the same folders by design
     }
     align = train_from_recipe(
         "tiny_demo",

@@ -75,6 +75,17 @@ def list_inputs(args) -> tuple[list[dict], str | None]:
     return rows, str(source.parent)
 
 
+def refuse_overwriting_input(args) -> None:
+    """`--output` must not be the input CSV (it holds the references `hf-vlm eval` needs)."""
+    if not args.output or not Path(args.images).is_file():
+        return
+    output, source = Path(args.output), Path(args.images)
+    same = output.resolve() == source.resolve() or (output.exists() and output.samefile(source))
+    if same:
+        raise ValueError(f"--output {args.output} is the input file --images {args.images}: writing the reports "
+                         "there would destroy it (and its reference captions). Choose another --output.")
+
+
 def _load(row: dict, args, base_dir: str | None):
     from ..data.images import load_images
 
@@ -117,6 +128,7 @@ def run(args) -> int:
     from ..inference import SettingsMismatchError, build_generate_kwargs, generate_batch, load_for_inference
 
     try:
+        refuse_overwriting_input(args)
         rows, base_dir = list_inputs(args)
         gen_kwargs = build_generate_kwargs(
             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,

@@ -27,15 +27,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)")
     parser.add_argument("--llm_8bit", action=argparse.BooleanOptionalAction, default=None,
                         help="LLM in 8-bit; must match how the checkpoint was trained (default: read from it)")
+    parser.add_argument("--max_image_pixels", type=int, default=None,
+                        help="refuse larger images on every input (default: PIL.Image.MAX_IMAGE_PIXELS, ~89 MP)")
+    parser.add_argument("--max_file_size", default="200mb", help="largest upload gradio accepts (e.g. 200mb)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
 
 
-def make_generate_fn(model, processor):
-    """The page's callback: (image, file, prompt, settings...) -> report text, yielded as it grows."""
+def public_message(error: Exception, path) -> str:
+    """The error text with the server's temp path replaced by the uploaded file's name."""
+    text = str(error)
+    if isinstance(path, (str, os.PathLike)) and str(path):
+        full = str(path)
+        text = text.replace(full, os.path.basename(full)).replace(os.path.dirname(full) + os.sep, "")
+    return text
+
+
+def load_upload(path, max_image_pixels: int | None = None) -> list:
+    """Images of one upload (image widget or file widget): the same loader and pixel limit for both."""
+    from ..data.images import load_images
+
+    return load_images(str(path), max_slices=DEFAULT_MAX_SLICES, max_image_pixels=max_image_pixels)
+
+
+def _checked_pil(image, max_image_pixels: int | None):
+    """An already decoded PIL image (API callers): the same pixel limit as files."""
+    from PIL import Image
+
+    from ..data.images import ImageLoadError
+
+    limit = Image.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
+    if limit and image.width * image.height > limit:
+        raise ImageLoadError(f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the "
+                             f"limit of {limit} (--max_image_pixels)")
+    return [image.convert("RGB")]
+
+
+def make_generate_fn(model, processor, max_image_pixels: int | None = None):
+    """The page's callback: (image, file, prompt, settings...) -> report text, yielded as it grows.
+
+    Both widgets deliver a file path and go through `load_upload`, so the decompression-bomb
+    limit holds on every input path and the image is never decoded before it is checked.
+    Error messages name the uploaded file, never the server's temp folder.
+    """
     from transformers import TextIteratorStreamer
 
-    from ..data.images import ImageLoadError, load_images
+    from ..data.images import ImageLoadError
     from ..inference import build_generate_kwargs, generate_batch
 
     lock = threading.Lock()  # one generation at a time: the model is shared
@@ -44,14 +81,15 @@ def make_generate_fn(model, processor):
                  do_sample, temperature, top_p):
         import gradio as gr
 
-        if file:
-            try:
-                images = load_images(str(file), max_slices=DEFAULT_MAX_SLICES)
-            except (ImageLoadError, ImportError) as exc:
-                raise gr.Error(f"Cannot read the uploaded file: {exc}") from exc
-        elif image is not None:
-            images = [image.convert("RGB")]
-        else:
+        source = file or image
+        try:
+            if file or isinstance(image, (str, os.PathLike)):
+                images = load_upload(source, max_image_pixels)
+            elif image is not None:
+                images = _checked_pil(image, max_image_pixels)
+        except (ImageLoadError, ImportError) as exc:
+            raise gr.Error(f"Cannot read the uploaded file: {public_message(exc, source)}") from exc
+        if not file and image is None:
             raise gr.Error("Upload a CT image (PNG/JPG) or a DICOM / NIfTI file first.")
         kwargs = build_generate_kwargs(
             max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
@@ -81,7 +119,7 @@ def make_generate_fn(model, processor):
                 yield text.strip()
             thread.join()
             if "error" in result:
-                raise gr.Error(f"Generation failed: {result['error']}")
+                raise gr.Error(f"Generation failed: {public_message(result['error'], source)}")
             yield result["report"]
 
     return generate
@@ -94,16 +132,18 @@ def build_app(checkpoint: str, **load_kwargs):
 
     from ..inference import load_for_inference
 
+    max_image_pixels = load_kwargs.pop("max_image_pixels", None)
     model, processor, settings = load_for_inference(checkpoint, **load_kwargs)
-    generate = make_generate_fn(model, processor)
+    generate = make_generate_fn(model, processor, max_image_pixels)
     with gr.Blocks(title="hf_vlm report demo", analytics_enabled=False) as app:
         gr.Markdown(f"## CT report generation\nCheckpoint `{os.path.basename(os.path.normpath(checkpoint))}` · "
                     f"{settings['max_visual_tokens']} visual tokens · LLM {'8-bit' if settings['llm_8bit'] else 'full precision'} "
                     "· research use only, not a medical device.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="CT slice (PNG / JPG)", sources=["upload", "clipboard"],
-                                 image_mode="RGB", height=320, elem_id="image")
+                # a path, not a decoded image: checked by the same loader and pixel limit as the file widget
+                image = gr.Image(type="filepath", label="CT slice (PNG / JPG)", sources=["upload", "clipboard"],
+                                 image_mode=None, height=320, elem_id="image")
                 file = gr.File(label="…or a DICOM / NIfTI file (takes precedence)", file_types=DICOM_TYPES,
                                type="filepath", elem_id="file")
             with gr.Column():
@@ -135,9 +175,9 @@ def run(args) -> int:
 
     try:
         app = build_app(args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
-                        device=args.device, dtype=args.dtype)
+                        device=args.device, dtype=args.dtype, max_image_pixels=args.max_image_pixels)
     except (SettingsMismatchError, OSError, ValueError) as exc:
         print(f"hf-vlm serve: error: {exc}", file=sys.stderr)
         return 2
-    app.queue().launch(server_name=args.host, server_port=args.port)
+    app.queue().launch(server_name=args.host, server_port=args.port, max_file_size=args.max_file_size)
     return 0

@@ -5,7 +5,9 @@ Launch it through accelerate to pick the hardware (the recipe stays the same):
     accelerate launch --config_file accelerate_configs/single_gpu_bf16.yaml -m hf_vlm.cli train recipes/stage1_align.yaml
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m hf_vlm.cli train recipes/tiny_demo.yaml --max_steps 3
 
-This module only parses arguments and prints; the run itself, top to bottom, is
+Exit codes: 0 saved; 1 stopped early by a guard (saved); 2 bad recipe or data; 3 NaN/Inf: nothing
+saved as final, the last good checkpoint is printed. This module only parses arguments and prints;
+the run itself, top to bottom, is
 `hf_vlm.training.run.train_from_recipe` (the demo and the tests call it in-process).
 """
 
@@ -35,8 +37,18 @@ def run(args) -> int:
         logger.error("%s", error)
         return 2
     metrics = result["metrics"]
+    if result.get("nonfinite_step") is not None:
+        good = result.get("last_good_checkpoint")
+        print(f"Training stopped: NaN/Inf at step {result['nonfinite_step']}. Nothing was saved as the final model "
+              f"in {result['output_dir']}.\n"
+              + (f"Last good checkpoint: {good} (lower the learning rate, then --resume_from_checkpoint {good})"
+                 if good else "No good checkpoint was written: lower the learning rate and start again."))
+        print("\n".join(result["guard_trips"]))
+        return 3
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
     print(f"Saved to {result['output_dir']} ({shown})")
+    if result.get("evaluation_error"):
+        print(f"warning: the final evaluation failed (the model above is saved): {result['evaluation_error']}")
     if result["stopped_early"] and result["guard_trips"]:
         print("Training stopped early because a guard tripped:\n" + "\n".join(result["guard_trips"]))
         return 1

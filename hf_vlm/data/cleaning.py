@@ -26,12 +26,14 @@ from typing import Optional
 
 from . import text_cleaning as tc
 from .caption_io import CleaningReport, load_table, write_csv
+from ..tokenization import IMAGE_TOKEN
 from .images import ImageLoadError, load_volume_slices, resolve_image_path, split_image_paths
 
 # reason -> meaning, in the order the checks run (one reason per row: the first that fails).
 REASONS = {
     "missing_image_path": "image path cell is empty",
     "empty_caption": "caption is empty or a placeholder (nan, -, 无)",
+    "image_token_in_caption": f"caption contains the {IMAGE_TOKEN} marker (it would be read as an image slot)",
     "mojibake_unrepairable": "caption/prompt is garbled text (wrong code page) that could not be repaired",
     "boilerplate_only": "only URLs, phone numbers, e-mails or customer-service text",
     "repeated_phrases": "most of the text is one phrase repeated (a generation loop)",
@@ -112,6 +114,8 @@ def _check_text(raw: str, cfg: CleaningConfig) -> tuple[str, str, str, list[str]
     """Per-row text checks in REASONS order -> (reason, detail, cleaned caption, fixes)."""
     if tc.is_placeholder(raw):
         return "empty_caption", f"caption is {raw!r}", "", []
+    if IMAGE_TOKEN in raw:
+        return "image_token_in_caption", f"{IMAGE_TOKEN} at position {raw.index(IMAGE_TOKEN)}: {raw[:40]!r}", raw, []
     text, status = tc.repair_mojibake(raw)
     if status == "unrepairable":
         return "mojibake_unrepairable", f"caption could not be repaired: {raw[:40]!r}", raw, []

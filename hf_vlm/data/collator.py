@@ -25,6 +25,14 @@ class PromptTooLongError(ValueError):
     """The visual + prompt tokens of a row exceed `max_length`: nothing can be supervised."""
 
 
+def describe_row(feature: dict, position: int) -> str:
+    """"<file> row_id <id>" for error messages: the CSV row, not the position in the batch."""
+    row_id = feature.get("row_id")
+    where = f"row_id {row_id}" if row_id is not None else f"batch position {position} (no row_id)"
+    source = feature.get("source_file")
+    return f"{source} {where}" if source else where
+
+
 @dataclass
 class DataCollatorForMambaVLM:
     """Collate `MambaVLMProcessor.encode_example` outputs into a training batch.
@@ -46,12 +54,12 @@ class DataCollatorForMambaVLM:
     rows_seen: int = field(default=0, init=False)
     _logged: bool = field(default=False, init=False, repr=False)
 
-    def _truncate(self, ids: list[int], prompt_length: int, row: int) -> list[int]:
+    def _truncate(self, ids: list[int], prompt_length: int, row) -> list[int]:
         if self.max_length is None or len(ids) <= self.max_length:
             return ids
         if prompt_length >= self.max_length:
             raise PromptTooLongError(
-                f"Row {row}: visual + prompt tokens ({prompt_length}) do not fit in max_length="
+                f"{row}: visual + prompt tokens ({prompt_length}) do not fit in max_length="
                 f"{self.max_length}, so no answer token could be supervised. Raise max_length, lower "
                 "max_visual_tokens, or shorten the prompt."
             )
@@ -69,14 +77,16 @@ class DataCollatorForMambaVLM:
         for i, feature in enumerate(features):
             ids = list(feature["input_ids"])
             prompt_length = int(feature["prompt_length"])
+            row = describe_row(feature, i)
             if prompt_length >= len(ids):
                 raise ValueError(
-                    f"Row {i}: no answer tokens after the prompt ({prompt_length} prompt tokens, "
+                    f"{row}: no answer tokens after the prompt ({prompt_length} prompt tokens, "
                     f"{len(ids)} in total); empty reports cannot be trained on"
                 )
             if self.image_token_id is not None and self.image_token_id in ids[prompt_length:]:
-                raise ValueError(f"Row {i}: an <image> placeholder lies in the answer part; it must be in the prompt")
-            rows.append(self._truncate(ids, prompt_length, i))
+                raise ValueError(f"{row}: an <image> placeholder lies in the answer part (the caption contains "
+                                 "'<image>'); it must be in the prompt only. `hf-vlm clean` rejects such captions")
+            rows.append(self._truncate(ids, prompt_length, row))
             prompt_lengths.append(prompt_length)
         self.rows_seen += len(rows)
 

@@ -29,8 +29,16 @@ from .images import (
 REQUIRED_COLUMNS = ("image_path", "caption")
 
 
-def _bad_row(row_id, caption: str, problem: str) -> ValueError:
-    return ValueError(f"row_id {row_id} (caption {caption[:30]!r}): {problem}")
+def _bad_row(row_id, caption: str, problem: str, path=None) -> ValueError:
+    where = f"{path} row_id {row_id}" if path else f"row_id {row_id}"
+    return ValueError(f"{where} (caption {caption[:30]!r}): {problem}")
+
+
+def _has_data_row(path: Path, encoding: str, errors: str) -> bool:
+    with open(path, encoding=encoding, errors=errors, newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        return any(any(cell.strip() for cell in row) for row in reader)
 
 
 def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None = None, path_map: PathMap = None,
@@ -52,10 +60,15 @@ def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None 
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; columns are {header}. Run `hf-vlm clean` first.")
     by_column = split is not None and "split" in header and "[" not in split
-    ds = datasets.load_dataset(
-        "csv", data_files=str(path), split="train" if by_column or split is None else split,
-        encoding=encoding, encoding_errors=errors, keep_default_na=False, na_filter=False,
-        features=datasets.Features({c: datasets.Value("string") for c in header}))
+    if not _has_data_row(path, encoding, errors):
+        raise ValueError(f"{path}: the CSV has a header but no data rows; nothing to train or evaluate on")
+    try:
+        ds = datasets.load_dataset(
+            "csv", data_files=str(path), split="train" if by_column or split is None else split,
+            encoding=encoding, encoding_errors=errors, keep_default_na=False, na_filter=False,
+            features=datasets.Features({c: datasets.Value("string") for c in header}))
+    except ValueError as error:  # datasets' messages ("Instruction ... corresponds to no data!") name no file
+        raise ValueError(f"{path}: cannot load split={split!r}: {error}") from error
     if by_column:
         ds = ds.filter(lambda s: s == split, input_columns="split")
     if "prompt" not in ds.column_names:
@@ -64,10 +77,10 @@ def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None 
     row_ids, files = [], []
     for rid, image_path, caption in zip(raw_ids, ds["image_path"], ds["caption"]):
         if not str(rid).strip().lstrip("-").isdigit():
-            raise _bad_row(rid, caption, f"row_id {rid!r} is not an integer")
+            raise _bad_row(rid, caption, f"row_id {rid!r} is not an integer", path)
         paths = split_image_paths(image_path)
         if not paths or not caption.strip():
-            raise _bad_row(rid, caption, "empty image_path or caption; run `hf-vlm clean` on this CSV")
+            raise _bad_row(rid, caption, "empty image_path or caption; run `hf-vlm clean` on this CSV", path)
         row_ids.append(int(rid))
         files.append(";".join(str(resolve_image_path(p, image_root=image_root, path_map=path_map,
                                                      base_dir=str(path.parent))) for p in paths))

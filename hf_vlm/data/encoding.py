@@ -22,6 +22,7 @@ class EncodeCaptionRows:
     max_slices: int = DEFAULT_MAX_SLICES
     window_center: float | None = DEFAULT_WINDOW[0]
     window_width: float | None = DEFAULT_WINDOW[1]
+    source_file: str | None = None  # the CSV, named in every error (and carried to the collator's)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         decoded = decode_batch(
@@ -33,13 +34,21 @@ class EncodeCaptionRows:
             window_width=self.window_width,
         )
         out: dict[str, list] = {"input_ids": [], "prompt_length": [], "pixel_values": [], "row_id": []}
+        if self.source_file:
+            out["source_file"] = []
         for images, prompt, caption, row_id in zip(
             decoded["images"], decoded["prompt"], decoded["caption"], decoded["row_id"]
         ):
-            example = self.processor.encode_example(images, prompt or None, caption)
+            try:
+                example = self.processor.encode_example(images, prompt or None, caption)
+            except ValueError as error:  # two <image> markers, an empty answer ...: name the row
+                where = f"{self.source_file} row_id {row_id}" if self.source_file else f"row_id {row_id}"
+                raise ValueError(f"{where}: {error}") from error
             for key in ("input_ids", "prompt_length", "pixel_values"):
                 out[key].append(example[key])
             out["row_id"].append(row_id)
+            if self.source_file:
+                out["source_file"].append(self.source_file)
         return out
 
 
@@ -48,4 +57,5 @@ def load_training_dataset(
 ):
     """Cleaned caption CSV -> lazily encoded `datasets.Dataset` ready for the Trainer."""
     dataset = load_caption_dataset(csv_path, image_root=image_root, path_map=path_map, split=split)
+    transform_kwargs.setdefault("source_file", str(csv_path))
     return dataset.with_transform(EncodeCaptionRows(processor, **transform_kwargs))

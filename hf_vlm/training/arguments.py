@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 
 from ..configuration_mamba_vlm import BRIDGE_TYPES
 from ..data.images import DEFAULT_MAX_SLICES
+from ..data.validation import IMAGE_CHECKS
 from .outputs import DEFAULT_CSV_LOG
 
 STAGES = ("align", "finetune")
@@ -104,6 +105,12 @@ class DataArguments:
     max_slices: int = _help("Slices per study (each slice is one image of max_visual_tokens tokens).",
                             default=DEFAULT_MAX_SLICES)
     eval_samples: int = _help("Fixed eval subset size used for generation metrics and sample reports.", default=32)
+    validate_images: str = _help(
+        f"Check every image of train_file and eval_file before step 0: one of {IMAGE_CHECKS} ('header' opens "
+        "each file's header, cheap; 'decode' decodes each fully; 'off'). A bad image is an error naming the "
+        "CSV, the row_id and the file, instead of a crash at step N.",
+        default="header",
+    )
     vision_feature_cache: str | None = _help(
         "Directory of the vision feature cache: with a frozen vision tower, each image is encoded once and the "
         "bridge trains from stored features (invalidated automatically when the encoder or preprocessing changes).",
@@ -122,6 +129,8 @@ class DataArguments:
             raise ValueError(f"max_slices must be >= 1, got {self.max_slices}")
         if self.eval_samples < 0:
             raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
+        if self.validate_images not in IMAGE_CHECKS:
+            raise ValueError(f"validate_images must be one of {IMAGE_CHECKS}, got {self.validate_images!r}")
         from ..data.images import parse_path_map
 
         parse_path_map(self.path_map_spec)  # the same check that runs when images are loaded
@@ -200,6 +209,11 @@ class MambaVLMTrainingArguments(TrainingArguments):
         "Save the frozen vision-tower weights in checkpoints (self-contained). Off: smaller checkpoints, and "
         "the tower must be re-loaded from vision_model_name_or_path.",
         default=True,
+    )
+    overwrite_output_dir: bool = _help(
+        "Write into an output_dir that already holds a run (its checkpoints are removed first). Without it, "
+        "a non-empty output_dir is refused unless resume_from_checkpoint is set.",
+        default=False,
     )
     # --- overridden defaults -------------------------------------------------------------------
     bf16: bool | None = _help(

@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..data.collator import IGNORE_INDEX
+from .distributed import any_rank, gather_names, local_tensor
 from .freeze import component_of, intended_trainable, num_llm_layers
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,8 @@ def _name_list(names: list[str], limit: int = 5) -> str:
 
 
 def _fingerprint(tensor: torch.Tensor, clone_limit: int = 1_000_000):
-    """Exact copy for small tensors; (sum, abs-sum, strided sample) for large ones."""
-    t = tensor.detach()
+    """Exact copy for small tensors; (sum, abs-sum, strided sample) for large ones (this rank's shard)."""
+    t = local_tensor(tensor.detach())
     if t.numel() <= clone_limit:
         return t.to("cpu", copy=True)
     flat = t.reshape(-1)
@@ -144,7 +145,14 @@ class FreezeGuard(Guard):
             return
         params = dict(model.named_parameters())
         changed = [n for n, fp in self._frozen.items() if n in params and not _same(fp, _fingerprint(params[n]))]
-        stuck = [n for n, fp in self._trainable.items() if n in params and _same(fp, _fingerprint(params[n]))]
+        stuck = [n for n, fp in self._trainable.items() if n in params and _same(fp, _fingerprint(params[n]))
+                 and local_tensor(params[n]).numel()]
+        held = [n for n in self._trainable if n in params and local_tensor(params[n]).numel()]
+        # under FSDP each rank holds shards: a tensor changed if it changed anywhere, is stuck if stuck everywhere
+        ranks_changed, ranks_stuck, ranks_held = gather_names(changed), gather_names(stuck), gather_names(held)
+        changed = sorted({n for names in ranks_changed for n in names})
+        moved = {n for held_by, stuck_by in zip(ranks_held, ranks_stuck) for n in set(held_by) - set(stuck_by)}
+        stuck = sorted({n for names in ranks_stuck for n in names} - moved)
         n_trainable = len(self._trainable)
         self._frozen, self._trainable = {}, {}
         if changed:
@@ -237,16 +245,23 @@ class CollapseGuard(Guard):
         self.collapsed_logs = 0
         self.nonfinite_step: int | None = None  # step at which NaN/Inf appeared; blocks checkpoints
         self._pending_nonfinite = False
+        self._nonfinite_since_log = False  # the Trainer's NaN filter would log that loss as 0.0
 
     def observe_loss(self, args, state, control, loss, outputs, inputs) -> None:
         if not bool(torch.isfinite(loss.detach()).all()):
+            self._nonfinite_since_log = True
             self._nonfinite(state, control, f"loss is {float(loss)}")
 
-    def _nonfinite(self, state, control, what: str) -> None:
+    def annotate_logs(self, args, state, logs) -> None:
+        if self._nonfinite_since_log and "loss" in logs:
+            logs["loss"] = float("nan")  # the CSV log and the console say nan, never 0.0
+            self._nonfinite_since_log = False
+
+    def _nonfinite(self, state, control, what: str, step: int | None = None) -> None:
         self._pending_nonfinite = True
         if self.nonfinite_step is not None:
             return
-        self.nonfinite_step = state.global_step + 1
+        self.nonfinite_step = state.global_step + 1 if step is None else step
         self.trip(
             f"{what} at step {self.nonfinite_step}. That step's update was skipped, training stops and no "
             "checkpoint is written after this point: the last good checkpoint in output_dir is kept. What to "
@@ -258,11 +273,16 @@ class CollapseGuard(Guard):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         groups = optimizer.param_groups if optimizer is not None else []
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        grads = [local_tensor(p.grad) for g in groups for p in g["params"] if p.grad is not None]
+        grads = [g for g in grads if g.numel()]  # FSDP2: this rank's shards
+        local_bad = False
         if grads and not self._pending_nonfinite:
             norms = torch.stack([n.float().to(grads[0].device) for n in torch._foreach_norm(grads)])
-            if not bool(torch.isfinite(norms).all()):
-                self._nonfinite(state, control, "the gradient is NaN/Inf")
+            local_bad = not bool(torch.isfinite(norms).all())
+        # every rank stops at the same step, or the next collective deadlocks (a NaN may sit in one shard)
+        if any_rank(local_bad or self._pending_nonfinite) and not self._pending_nonfinite:
+            self._nonfinite(state, control, "the gradient is NaN/Inf" if local_bad else
+                            "the loss or gradient is NaN/Inf on another process")
         if self._pending_nonfinite and optimizer is not None:
             optimizer.zero_grad(set_to_none=True)  # params without grad are skipped by the step
 

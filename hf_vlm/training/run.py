@@ -1,4 +1,5 @@
-"""One training stage, top to bottom: recipe -> parts -> trainer -> train -> export -> record -> card -> push.
+"""One training stage, top to bottom: recipe -> parts -> trainer -> train -> export -> record -> evaluate ->
+card -> push.
 
 Read it like prismatic's `scripts/pretrain.py`: `train_from_recipe` is the whole run, each step a
 named function below it. `hf-vlm train` (hf_vlm.commands.train) only parses arguments and prints;
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger("hf_vlm.train")
 
@@ -33,6 +34,7 @@ class PreparedRun:
     eval_dataset: object
     data_rows: dict
     collator: object
+    record_extra: dict = field(default_factory=dict)  # tower hash + run settings, in every record
 
     def vision_source(self) -> str | None:
         """Where a checkpoint without tower weights re-loads the tower from."""
@@ -47,32 +49,43 @@ class PreparedRun:
 def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
     """Run one stage. `recipe` is a path, a recipe name or a dict; `overrides` a dict or a list of
     "--key value" strings. Returns {"model", "processor", "output_dir", "metrics", "global_step",
-    "world_size", "guard_trips", "best_model_checkpoint", "stopped_early", "model_card"}."""
+    "world_size", "guard_trips", "best_model_checkpoint", "stopped_early", "model_card",
+    "nonfinite_step", "last_good_checkpoint", "saved", "evaluation_error"}.
+
+    The final model is saved BEFORE the final evaluation (an evaluation error cannot lose a
+    finished run), and after a NaN/Inf stop nothing is written or pushed as final: the result
+    names the last good checkpoint instead.
+    """
     run = prepare_run(recipe, overrides)
     trainer, tower_saved = build_trainer(run, callbacks)
     metrics = train(run, trainer)
+    args = run.training_args
+    result = {
+        "model": trainer.model,  # in memory, already exported (plain VLM): the demo generates with it
+        "processor": run.processor, "output_dir": args.output_dir, "metrics": metrics,
+        "global_step": trainer.state.global_step, "world_size": args.world_size, "guard_trips": trainer.guard_trips,
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+        "stopped_early": trainer.state.global_step < trainer.state.max_steps, "model_card": None,
+        "nonfinite_step": trainer.nonfinite_step, "last_good_checkpoint": trainer.last_good_checkpoint(),
+        "saved": False, "evaluation_error": None,
+    }
+    if trainer.nonfinite_step is not None:
+        logger.error("NaN/Inf at step %d: nothing is saved as the final model in %s; last good checkpoint: %s",
+                     trainer.nonfinite_step, args.output_dir, result["last_good_checkpoint"] or "none")
+        return result
     exported = export(run, trainer)
-    card = None
     if trainer.is_world_process_zero():
         record(run, trainer, tower_saved, exported)
-        card = write_card(run, trainer, metrics)
-        if run.training_args.push_to_hub:
+    result["saved"] = True
+    evaluation, result["evaluation_error"] = final_evaluation(run, trainer)
+    metrics.update(evaluation)
+    if trainer.is_world_process_zero():
+        result["model_card"] = write_card(run, trainer, metrics)
+        if args.push_to_hub:
             push(run)
-    args = run.training_args
     print(f"hf-vlm train: rank {args.process_index} of {args.world_size} finished at step "
           f"{trainer.state.global_step}", flush=True)
-    return {
-        "model": trainer.model,  # in memory, already exported (plain VLM): the demo generates with it
-        "processor": run.processor,
-        "output_dir": args.output_dir,
-        "metrics": metrics,
-        "global_step": trainer.state.global_step,
-        "world_size": args.world_size,
-        "guard_trips": trainer.guard_trips,
-        "best_model_checkpoint": trainer.state.best_model_checkpoint,
-        "stopped_early": trainer.state.global_step < trainer.state.max_steps,
-        "model_card": card,
-    }
+    return result
 
 
 # --- 1. parts -------------------------------------------------------------------------------------
@@ -106,13 +119,23 @@ def prepare_run(recipe, overrides=None) -> PreparedRun:
 
     from .builder import build_collator, build_datasets, build_model, build_processor, prepare_synthetic_assets
 
+    from ..data.validation import validate_dataset_images
+    from .resume import check_output_dir
+
     model_args, data_args, synth_args, training_args, info = parse_run_arguments(recipe, overrides)
+    check_output_dir(training_args, synth_args.synthetic_dir if synth_args.synthetic_data else None)
     set_seed(training_args.seed)
     prepare_synthetic_assets(model_args, data_args, synth_args, training_args)
     processor = build_processor(model_args)
     set_seed(training_args.seed)  # the same fresh bridge whether or not assets were just generated
     model = build_model(model_args, processor)
     train_dataset, eval_dataset, rows = build_datasets(data_args, processor)
+    # every image training and evaluation will read, checked before step 0 (row_id + file named)
+    validate_dataset_images(train_dataset, data_args.train_file, mode=data_args.validate_images,
+                            progress=training_args.process_index == 0)
+    if eval_dataset is not None:
+        validate_dataset_images(eval_dataset, data_args.eval_file, mode=data_args.validate_images,
+                                progress=training_args.process_index == 0)
     if data_args.vision_feature_cache:
         train_dataset, eval_dataset = use_feature_cache(data_args, training_args, model, processor,
                                                         train_dataset, eval_dataset)
@@ -142,6 +165,8 @@ def use_feature_cache(data_args, training_args, model, processor, train_dataset,
 def build_trainer(run: PreparedRun, callbacks=None):
     """`MambaVLMTrainer` (it applies the freeze policy) + the checkpoint-info callback."""
     from ..checkpoints import CheckpointInfoCallback
+    from ..tower_identity import TOWER_HASH_KEY, tower_weights_hash
+    from .resume import resume_settings
     from .trainer import MambaVLMTrainer
 
     args = run.training_args
@@ -151,7 +176,11 @@ def build_trainer(run: PreparedRun, callbacks=None):
         args.save_frozen_vision_weights = True
     tower_saved = bool(args.save_frozen_vision_weights or args.unfreeze_vision_tower)
     # first in the list: the record is on disk before any later callback (or a crash) can intervene
-    info = CheckpointInfoCallback(tower_saved, source)
+    extra = {"run_settings": resume_settings(run.model_args, run.data_args, args)}
+    if not tower_saved and source:
+        extra[TOWER_HASH_KEY] = tower_weights_hash(run.model.vision_tower)  # verified when re-attached
+    run.record_extra = extra
+    info = CheckpointInfoCallback(tower_saved, source, **extra)
     trainer = MambaVLMTrainer(
         model=run.model, args=args, train_dataset=run.train_dataset, eval_dataset=run.eval_dataset,
         data_collator=run.collator, processing_class=run.processor,
@@ -175,32 +204,37 @@ def report_eval_callbacks(run: PreparedRun) -> list:
 
 # --- 3. train -------------------------------------------------------------------------------------
 def resume_target(training_args) -> str | None:
-    """`resume_from_checkpoint`: a path, or true/last/auto = the newest checkpoint-N in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """`resume_from_checkpoint`: a path, or true/last/auto = the newest COMPLETE checkpoint-N in
+    output_dir (an interrupted save or a rejected checkpoint is skipped, see `resume.resolve_resume`)."""
+    from .resume import resolve_resume
 
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "no", "none"):
-        return None
-    if str(value).lower() in ("true", "last", "auto", "yes"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            logger.warning("resume_from_checkpoint=%s but %s has no checkpoint-N: starting fresh", value,
-                           training_args.output_dir)
-        return last
-    if not os.path.isdir(value):
-        raise FileNotFoundError(f"resume_from_checkpoint={value!r} is not a directory")
-    return value
+    return resolve_resume(training_args)
 
 
 def train(run: PreparedRun, trainer) -> dict:
-    """Train (resuming if asked), then evaluate once unless a NaN stopped the run. Returns metrics."""
+    """Train (resuming if asked, from a checkpoint of this same run). Returns the training metrics."""
+    from .resume import check_resume_compatible, resume_settings
+
     args = run.training_args
     logger.info("rank %d of %d: %s stage, %d training rows", args.process_index, args.world_size, args.stage,
                 len(run.train_dataset))
-    metrics = dict(trainer.train(resume_from_checkpoint=resume_target(args)).metrics)
-    if run.eval_dataset is not None and trainer.nonfinite_step is None:
-        metrics.update(trainer.evaluate())
-    return metrics
+    target = resume_target(args)
+    if target is not None:
+        check_resume_compatible(target, resume_settings(run.model_args, run.data_args, args), args.max_steps)
+    return dict(trainer.train(resume_from_checkpoint=target).metrics)
+
+
+def final_evaluation(run: PreparedRun, trainer) -> tuple[dict, str | None]:
+    """Evaluate the saved model once; an error is reported, never fatal to the saved run."""
+    if run.eval_dataset is None:
+        return {}, None
+    try:
+        return dict(trainer.evaluate()), None
+    except Exception as error:  # noqa: BLE001 - the final model is already on disk
+        message = f"{type(error).__name__}: {error}"
+        logger.error("Final evaluation failed (the trained model is saved in %s): %s", run.training_args.output_dir,
+                     message)
+        return {}, message
 
 
 # --- 4. export ------------------------------------------------------------------------------------
@@ -229,7 +263,7 @@ def record(run: PreparedRun, trainer, tower_saved: bool, exported: dict) -> None
     output_dir = run.training_args.output_dir
     run.processor.save_pretrained(output_dir)
     write_checkpoint_info(output_dir, tower_saved=tower_saved, vision_model_name_or_path=run.vision_source(),
-                          lora_merged=exported["lora_merged"],
+                          **run.record_extra, lora_merged=exported["lora_merged"],
                           trained_llm_quantization=exported.get("trained_llm_quantization"))
     trainer.save_state()
 

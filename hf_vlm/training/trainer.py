@@ -6,12 +6,16 @@
   any per-part losses the model returns; `log()` averages and clears them (the TRL pattern).
 * The guard callbacks are installed from the arguments; the trainer feeds them what
   callbacks cannot see (batches, per-micro-batch losses, logs before they are printed).
-* After a NaN/Inf no checkpoint is written, so the last good one survives.
+* Never non-finite weights on disk: weights are checked before every save, nothing is written
+  after a NaN/Inf, checkpoints are marked complete last (`checkpoint_integrity`), and a
+  checkpoint whose weights then gave a NaN/Inf loss is rejected, so "last" is always good.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections import defaultdict
 
 import torch
@@ -21,6 +25,16 @@ from ..checkpoints import tower_is_frozen, without_frozen_tower
 from ..data.collator import IGNORE_INDEX
 from .arguments import MambaVLMTrainingArguments
 from .callbacks import CollapseGuard, VisionProbe, default_callbacks
+from .checkpoint_integrity import (
+    checkpoint_problems,
+    clear_incomplete,
+    mark_complete,
+    newest_complete,
+    nonfinite_parameters,
+    reject,
+    rotate_complete,
+)
+from .distributed import enable_fsdp2_on_cpu
 from .freeze import apply_freeze_policy, component_of, describe_trainable, format_trainable_table, policy_key
 
 logger = logging.getLogger(__name__)
@@ -48,6 +62,12 @@ class MambaVLMTrainer(Trainer):
         installed = default_callbacks(args) if install_guards else []
         super().__init__(model, args, *pos, callbacks=installed + list(callbacks or []), **kwargs)
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._weights_nonfinite_at: int | None = None  # set when a save found NaN/Inf weights
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp2_on_cpu(self.accelerator, self.args):  # accelerate alone would train DDP here
+            self.is_fsdp_enabled = True
 
     @staticmethod
     def _default_collator(processor):
@@ -71,7 +91,10 @@ class MambaVLMTrainer(Trainer):
 
     @property
     def nonfinite_step(self) -> int | None:
+        """First step with a NaN/Inf loss, gradient or weights (None: all finite so far)."""
         steps = [cb.nonfinite_step for cb in self._hooks() if isinstance(cb, CollapseGuard) and cb.nonfinite_step]
+        if getattr(self, "_weights_nonfinite_at", None) is not None:
+            steps.append(self._weights_nonfinite_at)
         return min(steps) if steps else None
 
     # --- optimizer -----------------------------------------------------------------------------
@@ -127,7 +150,11 @@ class MambaVLMTrainer(Trainer):
     def train(self, *args, **kwargs):
         table = format_trainable_table(describe_trainable(self.model))
         logger.info("Trainable parameters (stage=%s):\n%s", self.args.stage, table)
-        return super().train(*args, **kwargs)
+        self._weights_nonfinite_at = None
+        output = super().train(*args, **kwargs)
+        self._reject_checkpoint_before_nonfinite_loss()
+        self.accelerator.wait_for_everyone()  # every rank then reads the same "last good" checkpoint
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
@@ -220,29 +247,92 @@ class MambaVLMTrainer(Trainer):
                 probes[0].check(result, self.state.global_step)
         return output
 
-    # --- saving: never after a NaN -------------------------------------------------------------
+    # --- saving: never non-finite weights, never an incomplete "last" checkpoint ------------------
     def _save_checkpoint(self, model, trial):
+        """Write `checkpoint-N` only with finite weights, mark it complete last, rotate after that.
+
+        See `checkpoint_integrity`: the marker makes an interrupted save visible, and old
+        checkpoints are only deleted once the new one is complete.
+        """
         if self.nonfinite_step is not None:
             logger.error(
                 "Not writing checkpoint-%d: the loss/gradient was NaN/Inf at step %d; the last good checkpoint is kept",
                 self.state.global_step, self.nonfinite_step,
             )
             return
-        super()._save_checkpoint(model, trial)
+        if self._stop_on_nonfinite_weights():
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        path = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            clear_incomplete(path)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate once marked complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (optimizer shards, RNG states) are on disk
+        if self.args.should_save:
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "write_checkpoint_record"):
+                    callback.write_checkpoint_record(path, self.args, self.state)
+            mark_complete(path, self.state.global_step, self._last_finite_loss())
+            rotate_complete(run_dir, limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _last_finite_loss(self) -> float | None:
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h and math.isfinite(h["loss"])]
+        return losses[-1] if losses else None
+
+    def _stop_on_nonfinite_weights(self) -> bool:
+        """Check the weights (every rank); on NaN/Inf stop training and report it. True when stopped."""
+        bad = nonfinite_parameters(self.model)
+        if not bad:
+            return False
+        step = self.state.global_step
+        self._weights_nonfinite_at = step
+        message = (f"the weights are NaN/Inf after the update of step {step} ({', '.join(bad)}): the learning rate "
+                   "blew them up. Nothing is written from here on; the last good checkpoint is kept")
+        guards = [cb for cb in self._hooks() if isinstance(cb, CollapseGuard)]
+        if guards:
+            guards[0]._nonfinite(self.state, self.control, message, step=step)
+        else:
+            logger.error("[hf_vlm] %s", message)
+        self.control.should_training_stop = True
+        return True
+
+    def last_good_checkpoint(self) -> str | None:
+        """The newest complete (finite, verified, not rejected) checkpoint in output_dir."""
+        return newest_complete(self.args.output_dir)[0]
+
+    def _reject_checkpoint_before_nonfinite_loss(self) -> None:
+        """A NaN/Inf loss or gradient at step s was computed with the weights of checkpoint-(s-1)."""
+        guard_steps = [cb.nonfinite_step for cb in self._hooks() if isinstance(cb, CollapseGuard) and cb.nonfinite_step]
+        if not guard_steps or self._weights_nonfinite_at is not None or not self.args.should_save:
+            return
+        step = min(guard_steps)
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step - 1}")
+        if os.path.isdir(path) and not checkpoint_problems(path):
+            reject(path, f"its weights gave a NaN/Inf loss or gradient at step {step}")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.nonfinite_step is not None and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()
-                                                        if p.is_floating_point()):
-            logger.error("Not saving to %s: the weights contain NaN/Inf (non-finite at step %d)", output_dir,
+        if self.nonfinite_step is not None:
+            logger.error("Not saving to %s: the loss/gradient/weights were NaN/Inf at step %d", output_dir,
                          self.nonfinite_step)
+            return
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            logger.error("Not saving to %s: the weights contain NaN/Inf (%s)", output_dir, ", ".join(bad))
             return
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if (not self.args.save_frozen_vision_weights and state_dict is None
+        if (not self.args.save_frozen_vision_weights
                 and getattr(self.model, "vision_tower", None) is not None and tower_is_frozen(self.model)):
             # frozen tower: re-loaded from vision_model_name_or_path, not copied into every checkpoint
-            state_dict = without_frozen_tower(self.model.state_dict())
+            # (under FSDP the gathered full state dict arrives here: it is filtered the same way)
+            state_dict = without_frozen_tower(self.model.state_dict() if state_dict is None else state_dict)
         super()._save(output_dir, state_dict)
 
 
