@@ -42,6 +42,10 @@ def _detect_cache_field() -> str:
 
 CACHE_FIELD = _detect_cache_field()
 LEGACY_CACHE_FIELD = "cache_params"
+# Before 5.24 the Mamba-2 hybrids (Falcon-H1, Jamba, Zamba2, Bamba, ...) kept their cache under
+# the attention models' name; 5.24 moved them to `cache` too.
+HYBRID_CACHE_FIELD = "past_key_values"
+_CACHE_NAMES = tuple(dict.fromkeys((CACHE_FIELD, LEGACY_CACHE_FIELD, HYBRID_CACHE_FIELD)))
 
 # module path -> Mamba-1 mixer class name. Each module defines a `mamba_selective_scan`
 # function that its mixer calls as a module global (so replacing the attribute re-routes it).
@@ -87,23 +91,37 @@ def mixer_classes() -> tuple[type, ...]:
 
 
 def lm_cache(outputs) -> Any:
-    """The recurrent cache of a language-model output, whatever this release calls it."""
-    value = getattr(outputs, CACHE_FIELD, None)
-    if value is None and CACHE_FIELD != LEGACY_CACHE_FIELD:
-        value = getattr(outputs, LEGACY_CACHE_FIELD, None)
-    return value
+    """The recurrent cache of a language-model output, whatever this release and family call it."""
+    for name in _CACHE_NAMES:
+        value = getattr(outputs, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def pop_cache_kwarg(kwargs: dict) -> Any:
-    """Take the cache out of forward keywords given under either name (generation passes one)."""
-    cache = kwargs.pop("cache", None)
-    legacy = kwargs.pop(LEGACY_CACHE_FIELD, None)
-    return cache if cache is not None else legacy
+    """Take the cache out of forward keywords given under any of its names (generation passes one)."""
+    found = [kwargs.pop(name, None) for name in ("cache", *_CACHE_NAMES)]
+    return next((cache for cache in found if cache is not None), None)
 
 
-def cache_kwargs(cache) -> dict:
-    """`{name: cache}` for calling a transformers SSM language model of this release."""
-    return {CACHE_FIELD: cache}
+def cache_keyword(model) -> str:
+    """The keyword `model.forward` takes its cache under (per family on releases before 5.24)."""
+    if callable(getattr(model, "get_base_model", None)):  # a peft wrapper forwards **kwargs
+        model = model.get_base_model()
+    cls = type(model)
+    if cls not in _CACHE_KEYWORDS:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KEYWORDS[cls] = next((name for name in _CACHE_NAMES if name in params), CACHE_FIELD)
+    return _CACHE_KEYWORDS[cls]
+
+
+_CACHE_KEYWORDS: dict[type, str] = {}
+
+
+def cache_kwargs(cache, model=None) -> dict:
+    """`{name: cache}` for calling a transformers SSM language model (`model`) of this release."""
+    return {CACHE_FIELD if model is None else cache_keyword(model): cache}
 
 
 def generation_hooks_compatible() -> list[str]:
@@ -126,11 +144,13 @@ __all__ = [
     "CACHE_FIELD",
     "FUSED_KERNEL_FUNCTIONS",
     "HUB_KERNELS_LOGGER",
+    "HYBRID_CACHE_FIELD",
     "LEGACY_CACHE_FIELD",
     "SCAN_FUNCTION",
     "SSD_CHUNK_ATTRIBUTE",
     "SSD_SCAN_FUNCTION",
     "TRANSFORMERS_VERSION",
+    "cache_keyword",
     "cache_kwargs",
     "generation_hooks_compatible",
     "lm_cache",

@@ -19,7 +19,7 @@ from dataclasses import field, make_dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, MambaForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, MambaForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
@@ -64,8 +64,24 @@ class MambaVLMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _is_stateful = True
-    _no_split_modules = ["MambaBlock"]
+    _no_split_modules = ["MambaBlock"]  # post_init adds each sub-model's own (any LM family, the tower)
     _skip_keys_device_placement = [CACHE_FIELD]
+
+    def initialize_weights(self):
+        """transformers' own pass, then the language model's again with its module flags cleared.
+
+        Why: this class is "custom code" to transformers, and for custom code its initialiser marks a
+        module done when the module itself owns no parameters or buffers. That skips a model-level
+        `_init_weights` that fills its layers' non-persistent buffers (Falcon-H1's `mup_vector`: it is
+        never saved, so a reloaded VLM got uninitialised memory and NaN logits). The second pass only
+        touches what loading did not fill: transformers' init functions skip loaded parameters.
+        """
+        super().initialize_weights()
+        language_model = getattr(self, "language_model", None)
+        if isinstance(language_model, PreTrainedModel) and not language_model.is_custom_code():
+            for module in language_model.modules():
+                module.__dict__.pop("_is_hf_initialized", None)
+            language_model.initialize_weights()
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -92,7 +108,9 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
         self.bridge = build_bridge(config)
-        self.language_model = language_model if language_model is not None else MambaForCausalLM(config.text_config)
+        if language_model is None:  # any family of hf_vlm.backbones, from its config (Mamba by default)
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model
         self.post_init()
         _attach_fast_scan(self.language_model)
 
@@ -203,7 +221,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
             output_hidden_states=output_hidden_states,
             logits_to_keep=logits_to_keep,
             return_dict=True,
-            **cache_kwargs(cache),
+            **cache_kwargs(cache, self.language_model),
         )
         loss = None
         if labels is not None:

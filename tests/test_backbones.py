@@ -11,6 +11,7 @@ without the mask after the prefill.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -31,7 +32,21 @@ TYPES = tuple(FAMILIES)
 # Non-default multipliers, so that a missing one shows (real Falcon-H1 checkpoints use ~5.7)
 EXTRA = {"falcon_h1": dict(embedding_multiplier=5.0), "granitemoehybrid": dict(embedding_multiplier=2.0)}
 MOE = {"granitemoehybrid", "jamba"}  # built with 2 experts, so their `experts` refusal is exercised
-PEFT_GUARDED = {"mamba", "falcon_mamba", "mamba2", "falcon_h1", "nemotron_h"}  # peft's own Mamba check
+
+
+def _peft_mamba_types() -> set[str]:
+    """The model types peft's own LoRA-on-Mamba check covers in the installed release (it grew:
+    0.18 lacks nemotron_h), read off the set literal in that check."""
+    from peft.tuners import tuners_utils
+
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    for const in getattr(getattr(check, "__code__", None), "co_consts", ()):
+        if isinstance(const, frozenset) and "mamba" in const:
+            return set(const)
+    return set()
+
+
+PEFT_GUARDED = _peft_mamba_types()
 
 
 def tiny_config(model_type: str, **overrides):
@@ -147,9 +162,10 @@ def test_batched_left_padded_greedy_equals_one_by_one_with_the_family_cache(save
     prompts, ids, mask = _left_padded(_pad_id(model))
     batched, lengths = _generate(model, ids, mask)
     assert lengths == [12, 1, 1, 1, 1, 1]  # prefill once, then one token per step
-    with torch.no_grad():
+    with torch.no_grad():  # found under this release's / family's name, fed back under the name forward takes
         cache = compat.lm_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
     assert type(cache).__name__ == "DynamicCache" and len(cache.layers) == model.config.num_hidden_layers
+    assert compat.cache_keyword(model) in inspect.signature(type(model).forward).parameters
     for i, prompt in enumerate(prompts):
         single, single_lengths = _generate(model, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
         assert single_lengths == [len(prompt)] + [1] * 5
@@ -222,6 +238,10 @@ def _fused_weight_reads(model, monkeypatch) -> dict[str, torch.dtype]:
     ids = _ids()
     model(input_ids=ids, labels=ids, use_cache=False)
     return received
+
+
+def test_peft_guard_set_is_read_from_the_installed_release():
+    assert {"mamba", "falcon_mamba", "mamba2", "falcon_h1"} <= PEFT_GUARDED  # peft >= 0.18
 
 
 def test_refused_targets_are_refused_with_the_reason(saved, monkeypatch):

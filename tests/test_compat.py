@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
 
 from hf_vlm import compat
@@ -32,6 +33,25 @@ def test_cache_keyword_is_taken_under_either_name():
     assert compat.pop_cache_kwarg({"cache_params": 2}) == 2
     kwargs = {"cache": None, "cache_params": 3, "other": 4}
     assert compat.pop_cache_kwarg(kwargs) == 3 and kwargs == {"other": 4}
+    # the Mamba-2 hybrids used the attention models' name before 5.24
+    kwargs = {compat.HYBRID_CACHE_FIELD: 5}
+    assert compat.pop_cache_kwarg(kwargs) == 5 and kwargs == {}
+
+
+class _Output:
+    past_key_values = "hybrid state"
+
+
+def test_cache_is_found_and_passed_under_the_name_the_family_uses():
+    from transformers import AutoModelForCausalLM
+
+    from hf_vlm.backbones import example_config
+
+    assert compat.lm_cache(_Output()) == "hybrid state"
+    for model_type in ("mamba", "falcon_h1"):
+        model = AutoModelForCausalLM.from_config(example_config(model_type, vocab_size=64, num_layers=2))
+        (name,) = compat.cache_kwargs(None, model)
+        assert name == compat.cache_keyword(model) in inspect.signature(type(model).forward).parameters
 
 
 def test_scan_patch_points_and_mixers_exist():
@@ -45,9 +65,21 @@ def test_generation_hooks_the_model_overrides_keep_their_keywords():
     assert compat.generation_hooks_compatible() == []
 
 
-def test_vlm_generation_carries_the_recurrent_cache(micro_model, micro_processor, ct_images):
+@pytest.mark.parametrize("family", ["mamba", "falcon_h1"])
+def test_vlm_generation_carries_the_recurrent_cache(family, micro_config, micro_processor, ct_images):
     """One forward per new token after the prefill, each fed a single token: the cache is found
-    under this release's name (a wrong name makes generate re-feed the whole sequence)."""
+    under this release's (and, before 5.24, this family's) name (a wrong name makes generate
+    re-feed the whole sequence, or decode without the prompt's state)."""
+    from hf_vlm import MambaVLMForConditionalGeneration
+    from hf_vlm.backbones import example_config
+
+    overrides = {}
+    if family != "mamba":
+        tokenizer = micro_processor.tokenizer
+        overrides["text_config"] = example_config(family, vocab_size=len(tokenizer), num_layers=2,
+                                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    micro_model = MambaVLMForConditionalGeneration(micro_config(**overrides)).eval()
     lengths = []
     hook = micro_model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)

@@ -36,6 +36,32 @@ def test_save_load_through_auto_classes_gives_identical_logits(micro_config, tmp
             assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
+@pytest.mark.parametrize("family", ["falcon_h1", "mamba2"])
+def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(family, micro_config, micro_processor, ct_images,
+                                                                 tmp_path):
+    """The language model is built from `text_config` through the Auto classes, so a saved VLM on a
+    Mamba-2 / hybrid backbone (hf_vlm.backbones) reloads as that family, with the same logits, and
+    batched generation equals one-by-one."""
+    from hf_vlm.backbones import example_config
+
+    tokenizer = micro_processor.tokenizer
+    text_config = example_config(family, vocab_size=len(tokenizer), num_layers=2, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = MambaVLMForConditionalGeneration(micro_config(text_config=text_config)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert loaded.language_model.config.model_type == family
+    assert set(type(loaded.language_model)._no_split_modules) <= set(loaded._no_split_modules)  # FSDP units
+    inputs = _inputs(micro_processor, ct_images[:2], ["请描述。", None])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    batched = loaded.generate(**inputs, **kwargs)
+    for i, prompt in enumerate(["请描述。", None]):
+        single = loaded.generate(**_inputs(micro_processor, [ct_images[i]], [prompt]), **kwargs)
+        assert batched[i, -6:].tolist() == single[0, -6:].tolist()
+
+
 def test_placeholder_count_mismatch_raises(micro_model, micro_processor, ct_images):
     inputs = _inputs(micro_processor, ct_images[:1])
     keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
