@@ -222,8 +222,8 @@ def bench_scan_and_layer(args, device, rungs) -> dict:
                 if isinstance(fn, str):
                     results[model, length, rung] = {"scan": {"error": fn}, "layer": {"error": fn}}
                     continue
-                scan = guarded(lambda: measure(lambda: scan_step(fn, ins, last_grad=False), device, reps))
-                layer = guarded(lambda: forced_layer(mixer, hidden, rung, device, reps))
+                scan = guarded(lambda fn=fn, ins=ins, reps=reps: measure(lambda: scan_step(fn, ins, last_grad=False), device, reps))
+                layer = guarded(lambda mixer=mixer, hidden=hidden, rung=rung, reps=reps: forced_layer(mixer, hidden, rung, device, reps))
                 results[model, length, rung] = {"scan": scan, "layer": layer}
             del ins, hidden
         del mixer

@@ -40,7 +40,6 @@ def test_files_csv_and_reproducibility(studies, tmp_path):
 def test_hounsfield_values_and_anatomy():
     volume, affine, facts = draw_study(np.random.default_rng([0, 7]))
     i, j, k = np.indices(volume.shape)
-    centre_slice = volume[:, :, facts.nodule_slice]
     assert np.median(volume[:3, :3, :]) == pytest.approx(-1000, abs=15)  # air in the corners
     lung = volume[(volume > -950) & (volume < -500)]
     assert -880 < np.median(lung) < -810
