@@ -18,6 +18,7 @@ and `benchmarks/bench_families.py`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import re
@@ -170,9 +171,12 @@ class SSMFamily:
         """
         if self.scan != SCAN_MAMBA1:
             return 0
-        from .ops.kernels import attach_fast_scan
-
-        return attach_fast_scan(language_model)
+        # by absolute name: this module also ships as remote code, where hf_vlm.ops may be absent
+        try:
+            kernels = importlib.import_module("hf_vlm.ops.kernels")
+        except ImportError:
+            return 0
+        return kernels.attach_fast_scan(language_model)
 
     # --- bitsandbytes ------------------------------------------------------------------------
     def quantization_config(self, bits: int, compute_dtype: torch.dtype = torch.float32):

@@ -14,6 +14,7 @@ how long the report already is.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from dataclasses import field, make_dataclass
 
@@ -23,6 +24,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, Mamba
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from .backbones import get_family
 from .bridges import build_bridge
 from .compat import CACHE_FIELD, cache_kwargs, lm_cache, pop_cache_kwarg
 from .configuration_mamba_vlm import MambaVLMConfig
@@ -111,6 +113,9 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         if language_model is None:  # any family of hf_vlm.backbones, from its config (Mamba by default)
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
+        self._lm_family = get_family(language_model.config)  # an unsupported LM type: error naming the supported
+        lm_forward = getattr(language_model, "get_base_model", lambda: language_model)().forward
+        self._lm_takes_position_ids = "position_ids" in inspect.signature(lm_forward).parameters
         self.post_init()
         _attach_fast_scan(self.language_model)
 
@@ -177,7 +182,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         """Token embeddings with visual embeddings scattered in: `(B, L, D)`, plus the visual part."""
         image_mask = input_ids == self.config.image_token_id
         # the placeholder id may lie outside the LLM vocabulary: never look it up
-        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # (B, L, D)
+        # as the LM's own input_ids path embeds them (Falcon-H1 scales by embedding_multiplier there)
+        inputs_embeds = self._lm_family.input_embeddings(self.language_model, input_ids.masked_fill(image_mask, 0))
         if pixel_values is None and vision_features is None:
             if image_mask.any():
                 raise ValueError(
@@ -199,6 +205,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -207,7 +214,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
     ) -> MambaVLMCausalLMOutput:
         """`vision_features` (cached vision-tower output, see `get_vision_features`) replaces
         `pixel_values` when the tower is frozen and features were pre-computed. The recurrent
-        cache comes as `cache` (or the pre-5.24 `cache_params`) in `kwargs`."""
+        cache comes as `cache` (or the pre-5.24 `cache_params`) in `kwargs`. `position_ids` reach
+        LMs with attention layers (hybrids: RoPE positions of left-padded rows during generation)."""
         cache = pop_cache_kwarg(kwargs)
         image_features = None
         if inputs_embeds is None:
@@ -222,6 +230,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
             logits_to_keep=logits_to_keep,
             return_dict=True,
             **cache_kwargs(cache, self.language_model),
+            **({"position_ids": position_ids} if position_ids is not None and self._lm_takes_position_ids else {}),
         )
         loss = None
         if labels is not None:
@@ -248,8 +257,10 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
             input_ids, use_cache=use_cache, is_first_iteration=is_first_iteration, **kwargs
         )
         if use_cache and not is_first_iteration:
-            # the recurrent state already holds image + prompt: feed only the newest token
-            model_inputs["attention_mask"] = None
+            # the recurrent state already holds image + prompt: feed only the newest token; hybrids
+            # keep the mask, their attention layers must not attend to the padded keys in the KV cache
+            if not self._lm_family.decode_needs_attention_mask:
+                model_inputs["attention_mask"] = None
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("vision_features", None)
         return model_inputs

@@ -36,7 +36,7 @@ def test_save_load_through_auto_classes_gives_identical_logits(micro_config, tmp
             assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
 
 
-@pytest.mark.parametrize("family", ["falcon_h1", "mamba2"])
+@pytest.mark.parametrize("family", ["falcon_h1", "bamba", "mamba2"])
 def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(family, micro_config, micro_processor, ct_images,
                                                                  tmp_path):
     """The language model is built from `text_config` through the Auto classes, so a saved VLM on a
@@ -45,7 +45,8 @@ def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(family, micro_c
     from hf_vlm.backbones import example_config
 
     tokenizer = micro_processor.tokenizer
-    text_config = example_config(family, vocab_size=len(tokenizer), num_layers=2, pad_token_id=tokenizer.pad_token_id)
+    text_config = example_config(family, vocab_size=len(tokenizer), num_layers=2, pad_token_id=tokenizer.pad_token_id,
+                                 **({"embedding_multiplier": 5.0} if family == "falcon_h1" else {}))
     torch.manual_seed(0)
     model = MambaVLMForConditionalGeneration(micro_config(text_config=text_config)).eval()
     model.save_pretrained(tmp_path)
@@ -55,11 +56,19 @@ def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(family, micro_c
     inputs = _inputs(micro_processor, ct_images[:2], ["请描述。", None])
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        # text tokens reach the LM at the scale its own input_ids path gives them (Falcon-H1: x embedding_multiplier)
+        text_ids = torch.tensor([tokenizer("左肺上叶见一约8mm结节")["input_ids"]])
+        torch.testing.assert_close(loaded(input_ids=text_ids).logits, loaded.language_model(input_ids=text_ids).logits)
+    # left-padded batch == one by one, logits included: hybrids keep the decode mask (padded KV
+    # keys) and get position_ids (Bamba's RoPE), Falcon-H1 its embedding multiplier
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                  return_dict_in_generate=True, output_logits=True)
     batched = loaded.generate(**inputs, **kwargs)
     for i, prompt in enumerate(["请描述。", None]):
         single = loaded.generate(**_inputs(micro_processor, [ct_images[i]], [prompt]), **kwargs)
-        assert batched[i, -6:].tolist() == single[0, -6:].tolist()
+        assert batched.sequences[i, -6:].tolist() == single.sequences[0, -6:].tolist()
+        for step in range(6):
+            torch.testing.assert_close(batched.logits[step][i], single.logits[step][0], rtol=1e-4, atol=1e-5)
 
 
 def test_placeholder_count_mismatch_raises(micro_model, micro_processor, ct_images):
