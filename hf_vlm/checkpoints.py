@@ -148,10 +148,8 @@ def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = No
     if quantization_config is not None:
         # quantise only the LLM (as `from_components` does): the VLM itself stays a plain model,
         # so the tower and bridge keep full precision and the Trainer sees LLM-level quantisation only
-        from transformers import MambaForCausalLM
-
         llm = model.language_model
-        model.language_model = MambaForCausalLM.from_pretrained(
+        model.language_model = type(llm).from_pretrained(  # the LM's own family class (hf_vlm.backbones)
             None, config=llm.config, state_dict=llm.state_dict(), quantization_config=quantization_config
         )
         del llm

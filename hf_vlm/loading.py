@@ -13,7 +13,7 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, MambaForCausalLM
+from transformers import AutoConfig, AutoModel
 
 logger = logging.getLogger(__name__)
 
@@ -91,32 +91,14 @@ def disable_cpu_4bit_packing(model: nn.Module) -> int:
     return changed
 
 
-def load_language_model(
-    name_or_path: str, quantization_config=None, dtype: torch.dtype | None = None
-) -> MambaForCausalLM:
-    """Load a `MambaForCausalLM`, optionally quantised with bitsandbytes (see `bnb_quantization_config`).
+def load_language_model(name_or_path: str, quantization_config=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The LLM of any supported state-space family (`hf_vlm.backbones`: Mamba, Mamba-2, the hybrids),
+    optionally quantised with bitsandbytes (see `bnb_quantization_config`).
 
     A quantised LLM is meant to stay frozen: its int8/4-bit weights cannot be trained, while
-    the gradient still flows *through* it into the bridge (tested).
+    the gradient still flows *through* it into the bridge (tested). The family's skip list is
+    checked against the config's (a warning names what is missing).
     """
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    if quantization_config is not None:
-        skip = set(getattr(quantization_config, "llm_int8_skip_modules", None) or [])
-        missing = [m for m in MAMBA_INT8_SKIP_MODULES if m not in skip]
-        if missing:
-            logger.warning(
-                "llm_int8_skip_modules lacks %s: Mamba reads these weights directly and is expected to fail; "
-                "use hf_vlm.loading.bnb_quantization_config()",
-                missing,
-            )
-        kwargs["quantization_config"] = quantization_config
-    model = MambaForCausalLM.from_pretrained(name_or_path, **kwargs)
-    if getattr(quantization_config, "load_in_4bit", False):
-        disable_cpu_4bit_packing(model)
-    logger.info(
-        "Language model loaded from %s (%.1fM parameters%s)",
-        name_or_path,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        f", quantised {quantization_config.quantization_method()}" if quantization_config is not None else "",
-    )
-    return model
+    from .backbones import load_language_model as load_family_model
+
+    return load_family_model(name_or_path, quantization=quantization_config, dtype=dtype)

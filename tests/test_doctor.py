@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
 def _estimate(recipe, **overrides):
@@ -55,3 +58,25 @@ def test_memory_estimate_grows_with_the_reference_scan():
     # docs/architecture.md: the reference loop keeps ~1.3 GB per layer per 1k tokens at 2.8B (B=1)
     per_layer_per_1k = (ref["terms"]["activations"] - fast["terms"]["activations"]) / 64 / 2 / (608 / 1000)
     assert 1.0 * 2**30 < per_layer_per_1k < 1.6 * 2**30
+
+
+def test_memory_estimate_for_a_hybrid_backbone_recipe(tmp_path):
+    """The Falcon-H1 recipe with its LM config read from a local path (sizes per family, hf_vlm.backbones)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_vlm.backbones import example_config
+
+    config = example_config("falcon_h1", vocab_size=32000, num_layers=4)
+    config.save_pretrained(tmp_path)
+    full = _estimate(str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path))
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert full["family"] == "falcon_h1" and full["llm_params"] == expected
+    assert full["terms"]["activations"] > 0 and full["trainable_params"] < full["frozen_params"]
+    int8 = _estimate(str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path),
+                     llm_8bit=True)
+    assert int8["terms"]["weights"] < full["terms"]["weights"]
+    longer = _estimate(str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path),
+                       max_length=1216)
+    assert longer["terms"]["activations"] == pytest.approx(2 * full["terms"]["activations"], rel=0.1)

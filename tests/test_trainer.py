@@ -96,8 +96,9 @@ def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_tra
     [
         (dict(fp16=True), r"state-spaces/mamba#6"),
         (dict(stage="pretrain"), r"stage must be one of \('align', 'finetune'\)"),
-        (dict(stage="finetune", use_lora=True, lora_target_modules=["out_proj"]), r"'out_proj' is refused"),
-        (dict(stage="finetune", use_lora=True, lora_target_modules=["x_proj"]), r"bypassed on GPU"),
+        (dict(stage="finetune", use_lora=True, lora_target_modules=["conv1d"]),
+         r"'conv1d' is not a safe target for any supported language model \(depthwise Conv1d"),
+        (dict(stage="finetune", use_lora=True, lora_target_modules=["lm_head_typo"]), r"known: \('in_proj'"),
         (dict(use_lora=True), r"use_lora needs stage='finetune'"),
         (dict(guard_action="ignore"), r"guard_action must be one of \('warn', 'stop'\)"),
         (dict(remove_unused_columns=True), r"with_transform"),
@@ -107,6 +108,25 @@ def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_tra
 def test_arguments_refuse_known_bad_settings(make_args, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("target, message", [("out_proj", "PEFT refuses it"), ("x_proj", "bypassed on GPU")])
+def test_lora_targets_are_checked_against_the_llm_family(micro_model, make_args, tmp_path, target, message):
+    """out_proj / x_proj are safe for Jamba, so arguments accept them; a Mamba LM refuses them with the reason."""
+    args = make_args(tmp_path, stage="finetune", use_lora=True, lora_target_modules=["in_proj", target])
+    with pytest.raises(ValueError, match=rf"{target!r} is refused for mamba \(.*{message}"):
+        apply_freeze_policy(micro_model, args)
+
+
+def test_unfreezing_the_last_layers_trains_each_familys_final_norm(make_args, tmp_path):
+    from hf_vlm.training.freeze import intended_trainable
+
+    args = make_args(tmp_path, stage="finetune", unfreeze_llm_layers=1)
+    for name in ("backbone.norm_f", "model.final_layernorm", "model.norm"):  # Mamba, Falcon-H1 / Bamba, Granite
+        assert intended_trainable(f"language_model.{name}.weight", args, 4), name
+    assert intended_trainable("language_model.model.layers.3.mamba.in_proj.weight", args, 4)
+    assert not intended_trainable("language_model.model.layers.2.mamba.in_proj.weight", args, 4)
+    assert not intended_trainable("language_model.model.layers.0.input_layernorm.weight", args, 4)
 
 
 def test_argument_defaults(make_args, tmp_path):

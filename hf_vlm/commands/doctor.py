@@ -196,8 +196,8 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
     """Bytes per term of `MEMORY_FORMULA` (plus parameter counts) for one training process."""
     import torch
 
+    from ..backbones import SCAN_MAMBA1, get_family
     from ..configuration_mamba_vlm import MambaVLMConfig
-    from ..loading import MAMBA_INT8_SKIP_MODULES
     from ..modeling_mamba_vlm import MambaVLMForConditionalGeneration
     from ..ops import mamba_kernels_available
     from ..training.freeze import intended_trainable
@@ -208,9 +208,11 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
                             vision_feature_layer=model_args.vision_feature_layer)
     with torch.device("meta"):  # shapes only: a 2.8B model costs no memory here
         model = MambaVLMForConditionalGeneration(config)
-    layers = text.num_hidden_layers
+    family = get_family(text)  # sizes and skip list per LM family (hf_vlm.backbones)
+    dims = family.dims(text)
+    layers = dims.layers
     quant_bytes = 1.0 if model_args.llm_8bit else 0.5 if model_args.llm_4bit else 4.0
-    quantized = _quantized_names(model.language_model, MAMBA_INT8_SKIP_MODULES) if quant_bytes < 4 else set()
+    quantized = _quantized_names(model.language_model, family.int8_skip_modules) if quant_bytes < 4 else set()
     trainable = frozen = 0
     frozen_bytes = 0.0
     for name, param in model.named_parameters():
@@ -224,13 +226,18 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
     optim_bytes = 2 if "8bit" in str(training_args.optim) else 8
     B = training_args.per_device_train_batch_size
     L = data_args.max_length or model_args.max_visual_tokens * data_args.max_slices + 512
-    d, E, N = text.hidden_size, text.intermediate_size, text.state_size
+    d, E, N = dims.hidden, dims.inner, dims.state
     a = 2 if training_args.bf16 else 4
-    backend = scan_backend or ("mamba_ssm" if mamba_kernels_available() else "hf_vlm_chunked")
+    if family.scan == SCAN_MAMBA1:
+        backend = scan_backend or ("mamba_ssm" if mamba_kernels_available() else "hf_vlm_chunked")
+        scan = {"transformers_reference": 4 * B * E * L * N * 4, "hf_vlm_chunked": math.ceil(L / 64) * B * E * N * 4,
+                "mamba_ssm": 0}[backend]
+    else:  # Mamba-2 SSD: transformers' chunked path keeps per-chunk states (benchmarks/bench_families.py)
+        backend = scan_backend or ("mamba_ssm" if mamba_kernels_available() else "transformers_ssd")
+        scan = 0 if backend == "mamba_ssm" else math.ceil(L / (dims.chunk or 256)) * B * E * N * 4
     c = 5 if backend == "mamba_ssm" else 9
-    per_layer = B * L * (3 * d + c * E + text.time_step_rank + 2 * N) * a
-    scan = {"transformers_reference": 4 * B * E * L * N * 4, "hf_vlm_chunked": math.ceil(L / 64) * B * E * N * 4,
-            "mamba_ssm": 0}[backend]
+    per_layer = B * L * (3 * d + c * E + (dims.dt_rank or dims.heads or 0) + 2 * N) * a
+    per_layer += B * L * (4 * d + 2 * (dims.mlp or 0)) * a * dims.attention_layers / max(layers, 1)  # attention + MLP
     if training_args.activation_checkpointing:
         activations = layers * B * L * d * a + per_layer + scan
     else:
@@ -244,12 +251,14 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
     }
     return {"terms": terms, "total": sum(terms.values()), "trainable_params": trainable, "frozen_params": frozen,
             "lora_params": lora, "llm_params": sum(p.numel() for p in model.language_model.parameters()),
+            "family": family.model_type,
             "batch": B, "length": L, "backend": backend, "precision": "bf16" if a == 2 else "fp32"}
 
 
 def memory_rows(estimate: dict) -> list[tuple[str, str]]:
     rows = [("parameters", f"{estimate['trainable_params'] / 1e6:.1f}M trainable (LoRA {estimate['lora_params'] / 1e6:.1f}M),"
-                           f" {estimate['frozen_params'] / 1e6:.1f}M frozen; LLM {estimate['llm_params'] / 1e9:.2f}B"),
+                           f" {estimate['frozen_params'] / 1e6:.1f}M frozen; LLM ({estimate['family']}) "
+                           f"{estimate['llm_params'] / 1e9:.2f}B"),
             ("shape", f"batch {estimate['batch']} x {estimate['length']} tokens, {estimate['precision']}, "
                       f"scan {estimate['backend']}")]
     rows += [(f"  {k}", f"{v / 2**30:.2f} GB") for k, v in estimate["terms"].items()]

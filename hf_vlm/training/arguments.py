@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from ..backbones import FAMILIES
 from ..configuration_mamba_vlm import BRIDGE_TYPES
 from ..data.images import DEFAULT_MAX_SLICES
 from ..data.validation import IMAGE_CHECKS
@@ -22,15 +23,10 @@ from .outputs import DEFAULT_CSV_LOG
 
 STAGES = ("align", "finetune")
 GUARD_ACTIONS = ("warn", "stop")
-# LoRA targets that work for Mamba: PEFT refuses `out_proj`/`conv1d`, and the fused CUDA path
-# reads `x_proj`/`dt_proj`/`out_proj` weights directly, so adapters there are silently bypassed.
-LORA_SAFE_TARGETS = ("in_proj", "embeddings")
-LORA_REFUSED_TARGETS = {
-    "out_proj": "PEFT refuses LoRA on Mamba's out_proj, and the fused CUDA path reads it directly",
-    "conv1d": "PEFT refuses LoRA on Mamba's conv1d",
-    "x_proj": "the fused CUDA path reads x_proj.weight directly, so the adapter would be bypassed on GPU",
-    "dt_proj": "the fused CUDA path reads dt_proj.weight directly, so the adapter would be bypassed on GPU",
-}
+# LoRA targets differ per language-model family (hf_vlm.backbones: which the fused kernels read raw,
+# which PEFT refuses). Here only a name no family knows is refused; the family's own list is applied
+# with its reasons when the adapters are added (hf_vlm.training.freeze), once the LM is known.
+KNOWN_LORA_TARGETS = tuple(dict.fromkeys(t for family in FAMILIES.values() for t in family.lora_safe_targets))
 
 
 def _help(text: str, **kwargs):
@@ -155,8 +151,9 @@ class MambaVLMTrainingArguments(TrainingArguments):
     lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lora_target_modules: list[str] = _help(
-        f"LoRA target modules; allowed {LORA_SAFE_TARGETS}. out_proj/conv1d/x_proj/dt_proj are refused "
-        "(PEFT refuses some, the fused CUDA path bypasses the others).",
+        "LoRA target modules, checked against the language model's family (hf_vlm.backbones): for Mamba "
+        "in_proj / embeddings; out_proj/conv1d/x_proj/dt_proj are refused with the reason (PEFT refuses some, "
+        "the fused CUDA path bypasses the others); hybrids also allow their attention / MLP projections.",
         default_factory=lambda: ["in_proj"],
     )
     unfreeze_vision_tower: bool = _help("Train the vision tower too (rarely useful; costs memory).", default=False)
@@ -249,13 +246,11 @@ class MambaVLMTrainingArguments(TrainingArguments):
         targets = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
         self.lora_target_modules = list(targets)
         for target in self.lora_target_modules:
-            if target in LORA_REFUSED_TARGETS:
-                raise ValueError(
-                    f"lora_target_modules: {target!r} is refused ({LORA_REFUSED_TARGETS[target]}). "
-                    f"Allowed: {LORA_SAFE_TARGETS}."
-                )
-            if target not in LORA_SAFE_TARGETS:
-                raise ValueError(f"lora_target_modules: unknown target {target!r}; allowed: {LORA_SAFE_TARGETS}")
+            if target not in KNOWN_LORA_TARGETS:
+                mamba = FAMILIES["mamba"]
+                reason = f" ({mamba.lora_refused_targets[target]})" if target in mamba.lora_refused_targets else ""
+                raise ValueError(f"lora_target_modules: {target!r} is not a safe target for any supported "
+                                 f"language model{reason}; known: {KNOWN_LORA_TARGETS}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -284,4 +279,4 @@ class MambaVLMTrainingArguments(TrainingArguments):
         return self.unfreeze_llm_layers != 0
 
 
-__all__ = ["DataArguments", "MambaVLMTrainingArguments", "ModelArguments", "LORA_SAFE_TARGETS", "STAGES"]
+__all__ = ["DataArguments", "MambaVLMTrainingArguments", "ModelArguments", "KNOWN_LORA_TARGETS", "STAGES"]

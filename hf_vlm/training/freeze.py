@@ -18,10 +18,13 @@ import re
 
 from torch import nn
 
+from ..backbones import FAMILIES, get_family
+
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("vision_tower", "bridge", "language_model", "lora")
 _LAYER_RE = re.compile(r"\blayers\.(\d+)\.")
+FINAL_NORM_NAMES = frozenset(family.final_norm.rsplit(".", 1)[-1] for family in FAMILIES.values())
 
 
 def component_of(name: str) -> str:
@@ -55,8 +58,9 @@ def intended_trainable(name: str, args, n_layers: int) -> bool:
         if n == -1:
             return True
         if n > 0:
-            if "norm_f" in name:
-                return True
+            parts = name.split(".")
+            if len(parts) > 1 and parts[-2] in FINAL_NORM_NAMES and not _LAYER_RE.search(name):
+                return True  # the final norm (norm_f / final_layernorm / norm, per family) trains with the last layers
             match = _LAYER_RE.search(name)
             return bool(match) and int(match.group(1)) >= n_layers - n
         return False
@@ -68,12 +72,10 @@ def _wrap_lora(model: nn.Module, args) -> None:
 
     if isinstance(model.language_model, PeftModel):
         return  # idempotent: the recipe may have applied the policy before building the trainer
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=list(args.lora_target_modules),
-    )
+    # the family's safe list, and the reason for a refused target (hf_vlm.backbones)
+    targets = get_family(model.language_model).validate_lora_targets(args.lora_target_modules)
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets)
     model.language_model = get_peft_model(model.language_model, config)
 
 
