@@ -51,7 +51,8 @@ def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
     "--key value" strings. Returns {"model", "processor", "output_dir", "metrics", "global_step",
     "world_size", "guard_trips", "best_model_checkpoint", "stopped_early", "model_card",
     "nonfinite_step", "last_good_checkpoint", "saved", "evaluation_error", "health"} ("health": the
-    verdict, what stopped the run and the end-of-run table, see `verdict.TrainingHealth`).
+    verdict, what stopped the run, every code seen, the probes and the end-of-run table, see
+    `verdict.TrainingHealth`).
 
     The final model is saved BEFORE the final evaluation (an evaluation error cannot lose a
     finished run), and after a NaN/Inf stop nothing is written or pushed as final: the result
@@ -279,6 +280,7 @@ def health_summary(trainer) -> dict | None:
     if health is None:
         return None
     return {"verdict": health.verdict, "stopped_by": health.stopped_by, "tripped": sorted(health.tripped),
+            "seen": sorted({code for _, code in health.verdicts}), "probes": list(health.probes),
             "table": health.table()}
 
 
