@@ -123,19 +123,15 @@ def _log(out) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-MATRIX = {}  # scenario -> verdict, filled by the runs below and summarised by test_matrix_summary
-
-
 def _assert_own_verdict(name, result, expected):
     health = result["health"]
-    MATRIX[name] = (expected, health["verdict"], sorted(health["tripped"]))
+    print(f"{name}: verdict {health['verdict']}, tripped {health['tripped']}, step {result['global_step']}")
     assert health["verdict"] == expected, health["table"]
     own = {expected} if expected in PROBLEMS else set()
     assert set(health["tripped"]) == own, health["tripped"]
     assert set(health["seen"]) & set(PROBLEMS) == own, health["seen"]  # at no log another problem code
 
 
-@pytest.mark.slow
 def test_a_templated_captions_to_a_very_low_loss_are_healthy(scenario_data, tmp_path):
     result = _run(_recipe(scenario_data, tmp_path))
     _assert_own_verdict("a healthy", result, "healthy")
@@ -146,7 +142,6 @@ def test_a_templated_captions_to_a_very_low_loss_are_healthy(scenario_data, tmp_
     assert "## Training health" in card and "| verdict | healthy:" in card
 
 
-@pytest.mark.slow
 def test_b_frozen_lm_bridge_only_no_eval_file_is_not_learning(scenario_data, tmp_path, capsys):
     """Through the CLI with guard_action stop: detected within the first third, exit 4, weights kept."""
     from hf_vlm.cli import main
@@ -163,10 +158,8 @@ def test_b_frozen_lm_bridge_only_no_eval_file_is_not_learning(scenario_data, tmp
     assert os.path.isfile(tmp_path / "out" / "model.safetensors") and os.path.isdir(tmp_path / "out" / "checkpoint-10")
     rows = _log(tmp_path / "out")
     assert {r["health"] for r in rows} <= {"pending", "learning", "not_learning"}
-    MATRIX["b not learning"] = ("not_learning", rows[-1]["health"], ["not_learning"])
 
 
-@pytest.mark.slow
 def test_c_labels_leaking_the_answer_are_a_leak(scenario_data, tmp_path, monkeypatch):
     from hf_vlm.training import builder
 
@@ -176,13 +169,11 @@ def test_c_labels_leaking_the_answer_are_a_leak(scenario_data, tmp_path, monkeyp
     _assert_own_verdict("c leak", result, "leak")
 
 
-@pytest.mark.slow
 def test_d_black_images_are_blind(scenario_data, tmp_path):
     result = _run(_recipe(scenario_data, tmp_path, mode="black"))
     _assert_own_verdict("d blind", result, "blind")
 
 
-@pytest.mark.slow
 def test_e_visual_features_collapsing_mid_run_are_a_collapse(scenario_data, tmp_path):
     collapse = ScaleBridge(lambda n: 1.0 if n <= 30 else 0.3 ** (n - 30), training_only=False)
     result = _run(_recipe(scenario_data, tmp_path, max_steps=50), callbacks=[collapse])
@@ -191,7 +182,6 @@ def test_e_visual_features_collapsing_mid_run_are_a_collapse(scenario_data, tmp_
     assert max(p["gap"] for p in probes if p["step"] <= 30) > 0.1 > probes[-1]["gap"]
 
 
-@pytest.mark.slow
 def test_f_nan_stops(scenario_data, tmp_path):
     nan = ScaleBridge(lambda n: float("nan") if n >= 10 else 1.0, training_only=True)
     result = _run(_recipe(scenario_data, tmp_path, max_steps=30), callbacks=[nan])
