@@ -13,7 +13,7 @@ problem verdict appears, trips with what to do; `guard_action` decides warn or s
 | `healthy` | a clear gap (however low the loss; a plateau then means converged) | pass |
 | `blind` | every image of the probed batch is the same (constant / black images) | fail |
 | `leak` | the probed loss is below `suspicious_loss` with AND without the true image | fail |
-| `not_learning` | a plateau of the smoothed loss with no gap | fail |
+| `not_learning` | a plateau of the smoothed loss with no gap on a probe inside the window | fail |
 | `learning` / `pending` | no gap yet but the loss still falls / not enough logs or probes yet | warn |
 
 The plateau test, with the numbers it states: the smoothed loss (mean of the last `h` logs)
@@ -57,7 +57,8 @@ def plateau(losses: list[tuple[int, float]], window_steps: int, logging_steps: i
             min_improvement: float = 0.02) -> dict | None:
     """Relative improvement of the smoothed loss over the last `window_steps`; None while too short.
 
-    Returns {"plateau", "improvement", "before", "now", "window", "smooth_steps"}.
+    Returns {"plateau", "improvement", "before", "now", "window", "smooth_steps", "start"} ("start": the
+    first step the comparison reads).
     """
     w = max(4, math.ceil(window_steps / max(logging_steps, 1)))
     h = max(2, w // 2)
@@ -67,7 +68,8 @@ def plateau(losses: list[tuple[int, float]], window_steps: int, logging_steps: i
     now = sum(v for _, v in losses[-h:]) / h
     improvement = (before - now) / before if before > 0 else 0.0
     return {"plateau": improvement < min_improvement, "improvement": improvement, "before": before, "now": now,
-            "window": losses[-1][0] - losses[-(w + 1)][0], "smooth_steps": losses[-1][0] - losses[-(h + 1)][0]}
+            "window": losses[-1][0] - losses[-(w + 1)][0], "smooth_steps": losses[-1][0] - losses[-(h + 1)][0],
+            "start": losses[-(w + h)][0]}
 
 
 class TrainingHealth(Guard):
@@ -152,7 +154,7 @@ class TrainingHealth(Guard):
                                                  for p in low):
             return "leak", (f"{gap_text}: loss {last['true']:.3g} with the true images and {last['shuffled']:.3g} "
                             f"with other rows' images (< {self.low_loss:g} on {self.low_patience} probes)")
-        if trend is not None and trend["plateau"]:
+        if trend is not None and trend["plateau"] and last["step"] >= trend["start"]:  # a probe inside the window
             return "not_learning", gap_text + trend_text
         return "learning", f"{gap_text}: no gap yet" + trend_text
 
