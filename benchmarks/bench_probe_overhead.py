@@ -5,8 +5,10 @@ Same model, same batches, `MambaVLMTrainer` with its defaults; only `vision_prob
 other rows' images) on one micro-batch, so its cost lands on single steps: the table gives the
 MEAN step time (process CPU and wall) over all steps after `--warmup` (the probes at steps 50,
 100, ... are inside), and the whole run divided by its steps (the early probe at step 0
-included). Overhead = probe / off - 1 on the mean CPU time; target <= 5% at the default.
-Configurations run `--reps` times, interleaved; the best (lowest) run of each is compared.
+included). The decisive figure is measured inside each probed run: the CPU time spent in the
+probe / the run's CPU time (target <= 5% at the default), because on a shared machine two
+runs of the same configuration differ by more than the probe costs; the A/B difference of the
+best runs is printed beside it. Configurations run `--reps` times, interleaved.
 
 Usage: python benchmarks/bench_probe_overhead.py [--steps 150] [--warmup 3] [--reps 2] [--threads 1]
 """
@@ -56,10 +58,21 @@ def run(model, processor, dataset, collator, out, steps, every):
     clock = StepClock()
     trainer = MambaVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                               processing_class=processor, callbacks=[clock])
+    probe = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainVisionProbe))
+    spent = [0.0]
+    observe = probe.observe_batch
+
+    def timed(*a, **k):  # CPU time inside the probe, measured in the same run as the steps
+        t0 = time.process_time()
+        try:
+            return observe(*a, **k)
+        finally:
+            spent[0] += time.process_time() - t0
+
+    probe.observe_batch = timed
     start = (time.perf_counter(), time.process_time())
     trainer.train()
-    probe = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainVisionProbe))
-    return clock.marks, start, probe.probes
+    return clock.marks, start, probe.probes, spent[0]
 
 
 def main() -> int:
@@ -92,31 +105,36 @@ def main() -> int:
         for _ in range(cli.reps):
             for name, every in configs.items():
                 model.load_state_dict(initial)
-                marks, start, probes = run(model, processor, dataset, collator, out, cli.steps, every)
+                marks, start, probes, spent = run(model, processor, dataset, collator, out, cli.steps, every)
                 deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[cli.warmup:], marks[cli.warmup + 1:])]
                 whole = ((marks[-1][0] - start[0]) / len(marks), (marks[-1][1] - start[1]) / len(marks))
                 results[name].append((statistics.mean(d[1] for d in deltas), statistics.mean(d[0] for d in deltas),
-                                      statistics.median(d[1] for d in deltas), *whole, probes))
+                                      statistics.median(d[1] for d in deltas), *whole, probes,
+                                      spent / (marks[-1][1] - start[1])))
 
     seq = len(collator(rows)["input_ids"][0])
     print(f"\nMamba {cli.hidden}x{cli.layers} + ViT-64x2, batch {BATCH} x {seq} tokens, stage align, {cli.steps} steps "
           f"({cli.warmup} warm-up not timed in the means), {cli.threads} thread(s)\n")
-    print("| probe | run | probes | mean CPU ms/step | mean wall ms/step | median CPU ms | whole run CPU ms/step "
-          "| whole run wall ms/step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| probe | run | probes | probe share of run CPU | mean CPU ms/step | mean wall ms/step | median CPU ms "
+          "| whole run CPU ms/step | whole run wall ms/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
-        for i, (mc, mw, medc, ww, wc, probes) in enumerate(runs, 1):
-            print(f"| {name} | {i} | {probes} | {1000 * mc:.1f} | {1000 * mw:.1f} | {1000 * medc:.1f} | "
+        for i, (mc, mw, medc, ww, wc, probes, share) in enumerate(runs, 1):
+            print(f"| {name} | {i} | {probes} | {share:.2%} | {1000 * mc:.1f} | {1000 * mw:.1f} | {1000 * medc:.1f} | "
                   f"{1000 * wc:.1f} | {1000 * ww:.1f} |")
     off = min(r[0] for r in results["probe off"])
     off_whole = min(r[4] for r in results["probe off"])
+    spread = max(r[0] for r in results["probe off"]) / off - 1
     passed = True
     for name in list(configs)[1:]:
         overhead = min(r[0] for r in results[name]) / off - 1
         whole = min(r[4] for r in results[name]) / off_whole - 1
-        print(f"{name}: overhead vs probe off, mean CPU per step {overhead:+.1%}, whole run CPU {whole:+.1%}")
-        passed &= configs[name] != default_every or overhead <= cli.target
-    print(f"{'PASS' if passed else 'FAIL'}: overhead at the default interval <= {cli.target:.0%} (mean CPU per step)")
+        share = max(r[6] for r in results[name])
+        print(f"{name}: probe share of the run's CPU time {share:.2%} (in-run, the decisive figure); A/B vs probe "
+              f"off: mean CPU per step {overhead:+.1%}, whole run {whole:+.1%} (probe-off runs differ by "
+              f"{spread:.1%} between themselves)")
+        passed &= configs[name] != default_every or share <= cli.target
+    print(f"{'PASS' if passed else 'FAIL'}: probe share at the default interval <= {cli.target:.0%}")
     return 0 if passed else 1
 
 

@@ -101,7 +101,8 @@ class TrainingHealth(Guard):
     # --- inputs ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self._window = max(1, round(self.window_fraction * (state.max_steps or args.max_steps or 0)))
-        self._logging = max(1, int(args.logging_steps)) if args.logging_steps >= 1 else 1
+        steps = args.logging_steps if args.logging_steps >= 1 else args.logging_steps * state.max_steps  # a ratio
+        self._logging = max(1, math.ceil(steps))
         self._warmup = args.get_warmup_steps(state.max_steps) if state.max_steps > 0 else 0
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
