@@ -21,6 +21,7 @@ def test_demo_reports_match_the_image_far_better_than_chance(tmp_path, capsys, m
     for fact in ("side", "lobe"):
         assert model[fact] >= chance[fact] + 0.2, (fact, model, chance)
         assert model[fact] >= blind[fact] + 0.2, (fact, model, blind)  # the image matters
+    assert scores["health"]["verdict"] == "healthy" and scores["health"]["train_vision_gap"] > 0.02, scores["health"]
     printed = capsys.readouterr().out
     assert "prediction | ground truth" in printed and "肺" in printed
     final = tmp_path / "final"

@@ -156,7 +156,8 @@ def test_csv_log_and_loss_plot(micro_trainer, tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     for row in rows:
         assert 0 < float(row["supervised_fraction"]) < 1 and float(row["visual_std"]) > 0
-        assert float(row["loss"]) > 1 and "start band" in row["loss_verdict"]
+        assert float(row["loss"]) > 1 and row["health"] in ("learning", "pending")  # 3 steps: no verdict yet
+    assert rows[0]["train_vision_gap"] != "" and float(rows[0]["train_image_spread"]) > 0  # probed on the 1st batch
     assert float(rows[-1]["eval_loss"]) > 0 and rows[-1]["eval_vision_gap"] != ""
 
     for png in (tmp_path / "train_log.png", plot_loss_curve(str(tmp_path / "train_log.csv"),

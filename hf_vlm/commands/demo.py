@@ -102,8 +102,16 @@ def run(args) -> int:
     for key in scores:
         print(f"{key:<18}{scores[key]:>8.2f}{blind[key]:>18.2f}{chance[key]:>8.2f}")
     summary = {"model": scores, "blind_shuffled_images": blind, "chance": chance, "seconds": time.time() - start}
+    health = final.get("health")
+    if health:  # the verdict of Stage 2 and its last train_vision_gap (Stage 1 trains a bridge on a frozen LM)
+        summary["health"] = {"verdict": health["verdict"],
+                             "train_vision_gap": health["probes"][-1]["gap"] if health["probes"] else None}
     with open(os.path.join(args.output_dir, "demo_scores.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2, ensure_ascii=False)
+    if health:
+        from ..training.verdict import format_health_table
+
+        print(f"\nTraining health of Stage 2 (verdict: {health['verdict']}):\n{format_health_table(health['table'])}")
     curve = os.path.join(final_dir, "train_log.png")  # written by LossPlotCallback, healthy band drawn
     print(f"\nCheckpoint: {final_dir}\nLoss curve: {curve}  ({summary['seconds']:.0f} s in total)")
     return 0

@@ -6,7 +6,9 @@ Launch it through accelerate to pick the hardware (the recipe stays the same):
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m hf_vlm.cli train recipes/tiny_demo.yaml --max_steps 3
 
 Exit codes: 0 saved; 1 stopped early by a guard (saved); 2 bad recipe or data; 3 NaN/Inf: nothing
-saved as final, the last good checkpoint is printed. This module only parses arguments and prints;
+saved as final, the last good checkpoint is printed; 4 stopped early by the "not learning" verdict
+(a plateau with no vision gap, see hf_vlm/training/verdict.py): the weights so far and the last
+checkpoint are kept. Every run ends with the training-health table. This module only parses arguments and prints;
 the run itself, top to bottom, is
 `hf_vlm.training.run.train_from_recipe` (the demo and the tests call it in-process).
 """
@@ -37,6 +39,11 @@ def run(args) -> int:
         logger.error("%s", error)
         return 2
     metrics = result["metrics"]
+    health = result.get("health")
+    if health:
+        from ..training.verdict import format_health_table
+
+        print(f"Training health (verdict: {health['verdict']}):\n{format_health_table(health['table'])}")
     if result.get("nonfinite_step") is not None:
         good = result.get("last_good_checkpoint")
         print(f"Training stopped: NaN/Inf at step {result['nonfinite_step']}. Nothing was saved as the final model "
@@ -49,6 +56,14 @@ def run(args) -> int:
     print(f"Saved to {result['output_dir']} ({shown})")
     if result.get("evaluation_error"):
         print(f"warning: the final evaluation failed (the model above is saved): {result['evaluation_error']}")
+    if result["stopped_early"] and health and health.get("stopped_by") == "not_learning":
+        from ..training.verdict import NOT_LEARNING_EXIT_CODE
+
+        good = result.get("last_good_checkpoint")
+        print(f"Training stopped early at step {result['global_step']}: the model is not learning to see (see the "
+              f"table above). The weights so far are saved in {result['output_dir']}"
+              + (f"; last checkpoint: {good}" if good else "") + ".\n" + "\n".join(result["guard_trips"]))
+        return NOT_LEARNING_EXIT_CODE
     if result["stopped_early"] and result["guard_trips"]:
         print("Training stopped early because a guard tripped:\n" + "\n".join(result["guard_trips"]))
         return 1

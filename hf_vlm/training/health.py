@@ -1,19 +1,21 @@
-"""Is training healthy? A loss-band verdict per log, and a probe of whether the image matters.
+"""Does the loss depend on the image? Two probes of the caption loss with true vs other images.
 
-* `LossHealthCallback` compares the caption loss with the band users learned the hard way
-  (start 3-8, target 0.5-1.0, never sustained < 0.1) and writes a `loss_verdict` into the
-  log, so the CSV and console say what a number means.
-* `VisionProbe` measures the caption loss with the true images and with images shuffled
-  within the batch. A model that ignores the image scores the same on both: its reports
-  are generic text and no generation metric will reveal why.
+A model that ignores the image scores the same with the true images and with another row's:
+its reports are generic text and no generation metric will reveal why. Fixed loss bands cannot
+tell this apart (templated captions legitimately reach ~0.01 when the model sees; a stuck
+frozen LM sits "in the start band" forever), the image dependence can (docs/architecture.md,
+"Fixed loss bands mislead"). The verdict built on it lives in `verdict.py`.
+
+* `TrainVisionProbe`: every `vision_probe_steps` (and on the first batch of a run), on the
+  current training batch, without gradients: `train_vision_gap` and `train_vision_gap_rel`.
+* `VisionProbe`: at evaluation, over the first eval batches: `eval_vision_gap`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -22,63 +24,92 @@ from .guards import Guard
 logger = logging.getLogger(__name__)
 
 
-class LossHealthCallback(Guard):
-    """Adds `loss_verdict` to each training log; warns once on a sustained suspiciously low loss."""
-
-    name = "LossHealth"
-
-    def __init__(self, band=(3.0, 8.0, 0.5, 1.0), suspicious: float = 0.1, patience: int = 3):
-        super().__init__(action="warn")
-        self.start_low, self.start_high, self.target_low, self.target_high = band
-        self.suspicious, self.patience = suspicious, patience
-        self.low_logs = 0
-        self.warned = False
-
-    def verdict(self, loss: float) -> str:
-        if not math.isfinite(loss):
-            return f"loss {loss}: non-finite"
-        if loss < self.suspicious:
-            self.low_logs += 1
-            if self.low_logs >= self.patience:
-                return (
-                    f"loss {loss:.3g} sustained < {self.suspicious} for {self.low_logs} logs: suspicious - "
-                    "check label masking / data leakage"
-                )
-            return f"loss {loss:.3g} < {self.suspicious}: suspicious if sustained"
-        self.low_logs = 0
-        if loss > self.start_high:
-            return f"loss {loss:.3g} above the start band {self.start_low:g}-{self.start_high:g}: check LR and data"
-        if loss >= self.start_low:
-            return f"loss {loss:.3g} in the start band {self.start_low:g}-{self.start_high:g}: normal early on"
-        if loss > self.target_high:
-            return f"loss {loss:.3g} descending toward the target {self.target_low:g}-{self.target_high:g}"
-        if loss >= self.target_low:
-            return f"loss {loss:.3g} in the target band {self.target_low:g}-{self.target_high:g}: healthy"
-        return f"loss {loss:.3g} below the target band: watch eval_loss for overfitting"
-
-    def annotate_logs(self, args, state, logs) -> None:
-        loss = logs.get("loss")
-        if loss is None:
-            return
-        logs["loss_verdict"] = self.verdict(float(loss))
-        if self.low_logs >= self.patience and not self.warned:
-            self.warned = True
-            self.trip(
-                f"step {state.global_step}: {logs['loss_verdict']}. A caption loss this low on report text "
-                "usually means the answer is visible to the model (prompt/visual tokens supervised, reports "
-                "duplicated between prompt and answer, or eval rows in the training set).",
-                stop=False,
-            )
-
-
 def _shift_images(images: torch.Tensor, rows: int, previous: torch.Tensor | None) -> torch.Tensor | None:
-    """Give each row another row's images: roll by one row (a derangement), or use the previous batch."""
+    """Give each row another row's images: roll by one row (a derangement), or use the previous batch.
+
+    `images` holds every slice of every row in row order (N = rows x slices for studies), so a roll
+    by N // rows moves whole studies."""
     n = images.shape[0]
     if rows >= 2 and n % rows == 0:
         return torch.roll(images, shifts=n // rows, dims=0)
     if previous is not None and previous.shape == images.shape:
         return previous
     return None
+
+
+def _image_key(batch: dict) -> str:
+    return "vision_features" if batch.get("vision_features") is not None else "pixel_values"
+
+
+class TrainVisionProbe(Guard):
+    """Caption loss of the current training batch with its own vs other rows' images, no gradients.
+
+    Runs on the first micro-batch of every `every`-th optimizer step and on the first batch of a
+    run (`train()` or a resume), so a gap exists before the first plateau can be judged. Both
+    losses are computed in eval mode (same dropout state), so the gap is the image's effect only.
+    With one row per batch the callback keeps the previous batch's images; when no other image
+    of the same shape exists it uses a constant image (the batch mean), so that every process
+    produces the same metric keys (they are averaged across processes by the trainer).
+
+    `observe_batch` returns the raw sums as 0-d tensors; `MambaVLMTrainer` gathers them like its
+    other metrics (`_global_means`: per-process mean, then the mean over processes) and
+    `annotate_logs` turns the global means into `train_vision_gap` = shuffled - true and
+    `train_vision_gap_rel` = gap / shuffled (the share of the blind loss the image removes).
+    `train_image_spread` = mean |image - other image|: exactly 0 when every image is the same.
+    """
+
+    name = "TrainVisionProbe"
+    KEYS = ("train_vision_loss_true", "train_vision_loss_shuffled", "train_image_spread")
+
+    def __init__(self, every: int = 50):
+        super().__init__(action="warn")
+        self.every = every
+        self._probed_step: int | None = None
+        self._previous: torch.Tensor | None = None
+        self.probes = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._probed_step, self._previous = None, None
+
+    def _due(self, step: int) -> bool:
+        if self.every <= 0 or step == self._probed_step:
+            return False  # one probe per optimizer step, however many micro-batches it accumulates
+        return self._probed_step is None or step % self.every == 0
+
+    @torch.no_grad()
+    def observe_batch(self, args, state, control, inputs, model) -> dict[str, torch.Tensor] | None:
+        key = _image_key(inputs)
+        images, labels = inputs.get(key), inputs.get("labels")
+        if images is None or labels is None:
+            return None
+        rows = labels.shape[0]
+        previous = self._previous
+        if rows < 2:
+            self._previous = images.detach()  # a reference, not a copy: the next batch is a new tensor
+        if not self._due(state.global_step):
+            return None
+        self._probed_step = state.global_step
+        shifted = _shift_images(images, rows, previous)
+        if shifted is None:
+            shifted = images.float().mean().to(images.dtype).expand_as(images)
+        was_training = model.training
+        model.eval()
+        try:
+            true_loss = model(**inputs).loss.detach().float()
+            shuffled_loss = model(**{**inputs, key: shifted}).loss.detach().float()
+        finally:
+            model.train(was_training)
+        self.probes += 1
+        spread = (images.float() - shifted.float()).abs().mean()
+        return dict(zip(self.KEYS, (true_loss, shuffled_loss, spread)))
+
+    def annotate_logs(self, args, state, logs) -> None:
+        true_loss, shuffled_loss = logs.get(self.KEYS[0]), logs.get(self.KEYS[1])
+        if true_loss is None or shuffled_loss is None:
+            return
+        gap = shuffled_loss - true_loss
+        logs["train_vision_gap"] = gap
+        logs["train_vision_gap_rel"] = gap / shuffled_loss if shuffled_loss > 0 else 0.0
 
 
 class VisionProbe(Guard):
@@ -104,7 +135,7 @@ class VisionProbe(Guard):
                 if i >= self.max_batches:
                     break
                 batch = prepare(batch)
-                key = "vision_features" if batch.get("vision_features") is not None else "pixel_values"
+                key = _image_key(batch)
                 if batch.get(key) is None or batch.get("labels") is None:
                     continue
                 shifted = _shift_images(batch[key], batch["labels"].shape[0], previous)
@@ -144,4 +175,4 @@ class VisionProbe(Guard):
         )
 
 
-__all__ = ["LossHealthCallback", "VisionProbe"]
+__all__ = ["TrainVisionProbe", "VisionProbe"]

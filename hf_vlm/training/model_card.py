@@ -70,7 +70,8 @@ def _is_hub_id(name: str | None) -> bool:
 
 
 def render_model_card(stages: list[dict], recipe: dict, overrides: dict, *, version: str,
-                      model_name: str = "model", guard_trips: list[str] | None = None) -> str:
+                      model_name: str = "model", guard_trips: list[str] | None = None,
+                      health: list | None = None) -> str:
     """Markdown with Hub metadata. `stages[-1]` is the stage that produced this checkpoint."""
     import yaml
 
@@ -104,6 +105,11 @@ def render_model_card(stages: list[dict], recipe: dict, overrides: dict, *, vers
                   for r in last["trainable"]]
     lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(last.get("metrics", {}).items())]
+    if health:
+        from .verdict import format_health_table
+
+        lines += ["", "## Training health", "", "Judged by the image dependence of the loss (train_vision_gap) and "
+                  "its trend; the loss bands are context only.", "", format_health_table(health, markdown=True)]
     if guard_trips:
         lines += ["", "## Guard reports", ""] + [f"- {t}" for t in guard_trips]
     effective = {**recipe, **overrides}
@@ -117,11 +123,12 @@ def render_model_card(stages: list[dict], recipe: dict, overrides: dict, *, vers
 
 
 def write_model_card(output_dir: str, stages: list[dict], recipe: dict, overrides: dict, *,
-                     guard_trips: list[str] | None = None) -> str:
+                     guard_trips: list[str] | None = None, health: list | None = None) -> str:
     from .. import __version__
 
     text = render_model_card(stages, recipe, overrides, version=__version__,
-                             model_name=os.path.basename(os.path.normpath(output_dir)), guard_trips=guard_trips)
+                             model_name=os.path.basename(os.path.normpath(output_dir)), guard_trips=guard_trips,
+                             health=health)
     file = os.path.join(output_dir, "README.md")
     with open(file, "w", encoding="utf-8") as handle:
         handle.write(text)

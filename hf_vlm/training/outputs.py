@@ -1,10 +1,12 @@
 """What training leaves on disk besides checkpoints: a per-step CSV log and a loss-curve PNG.
 
-Users diagnosed their failures from a per-step CSV log (`stage2_train_log.csv` in their scripts) and a plotted curve; both are
-written by default. The CSV has one row per step (training and evaluation logs of the same
-step are merged) and is rewritten whole on each log, so a new metric appearing mid-run
-(eval_loss, eval_vision_gap) simply becomes a new column. The plot draws the healthy band
-so a curve that dives under 0.1 or never leaves the start band is obvious at a glance.
+Users diagnosed their failures from a per-step CSV log (`stage2_train_log.csv` in their scripts)
+and a plotted curve; both are written by default. The CSV has one row per step (training and
+evaluation logs of the same step are merged) and is rewritten whole on each log, so a new metric
+appearing mid-run (eval_loss, eval_vision_gap) simply becomes a new column. The plot's top panel
+is the loss with the seeds' loss bands as context (not a verdict: templated captions legitimately
+go far below them); the bottom panel is the vision gap (train and eval), the evidence the
+`health` verdict is built on (verdict.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CSV_LOG = "train_log.csv"
 LEADING_COLUMNS = (
     "step", "epoch", "loss", "caption_loss", "learning_rate", "grad_norm", "visual_std", "visual_norm",
-    "supervised_fraction", "loss_verdict", "eval_loss", "eval_vision_gap",
+    "supervised_fraction", "health", "train_vision_gap", "train_vision_gap_rel", "eval_loss", "eval_vision_gap",
 )
 
 
@@ -82,7 +84,7 @@ def plot_loss_curve(
     suspicious: float = 0.1,
     title: str | None = None,
 ) -> str:
-    """Plot training (and eval) loss from a CsvLogCallback CSV, with the healthy band; returns the PNG path."""
+    """Plot the loss (bands as context) and the vision gap from a CsvLogCallback CSV; returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,10 +94,11 @@ def plot_loss_curve(
     with open(csv_path, encoding="utf-8", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("step")]
     start_low, start_high, target_low, target_high = band
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=100, sharex=True,
+                                     gridspec_kw={"height_ratios": (2, 1)})
     ax.axhspan(start_low, start_high, color="tab:orange", alpha=0.12, label=f"start band {start_low:g}-{start_high:g}")
     ax.axhspan(target_low, target_high, color="tab:green", alpha=0.2, label=f"target {target_low:g}-{target_high:g}")
-    ax.axhspan(suspicious / 100, suspicious, color="tab:red", alpha=0.12, label=f"suspicious < {suspicious:g}")
+    ax.axhspan(suspicious / 100, suspicious, color="tab:red", alpha=0.12, label=f"< {suspicious:g}: leak if no gap")
     ax.axhline(suspicious, color="tab:red", linewidth=0.8, linestyle="--")
     steps, losses = _floats(rows, "loss")
     if steps:
@@ -109,11 +112,23 @@ def plot_loss_curve(
     low = min(values + [target_low, suspicious]) * 0.5
     high = max(values + [start_high]) * 1.5
     ax.set_ylim(max(low, suspicious / 100), high)
-    ax.set_xlabel("step")
     ax.set_ylabel("caption loss (log scale)")
     ax.set_title(title or os.path.basename(csv_path))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # never over the curve
+    gap_ax.axhline(0.0, color="black", linewidth=0.8)
+    for key, color, label in (("train_vision_gap", "tab:cyan", "train vision gap"),
+                              ("eval_vision_gap", "tab:purple", "eval vision gap")):
+        gap_steps, gaps = _floats(rows, key)
+        if gap_steps:
+            gap_ax.plot(gap_steps, gaps, color=color, marker="o", markersize=3, label=label)
+    gap_ax.set_xlabel("step")
+    gap_ax.set_ylabel("loss(other image)\n- loss(true image)")
+    gap_ax.grid(True, alpha=0.3)
+    if gap_ax.get_legend_handles_labels()[0]:
+        gap_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    else:
+        gap_ax.text(0.5, 0.5, "no vision probe (vision_probe_steps=0)", transform=gap_ax.transAxes, ha="center")
     fig.tight_layout()
     os.makedirs(os.path.dirname(png_path) or ".", exist_ok=True)
     fig.savefig(png_path)

@@ -50,7 +50,9 @@ def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
     """Run one stage. `recipe` is a path, a recipe name or a dict; `overrides` a dict or a list of
     "--key value" strings. Returns {"model", "processor", "output_dir", "metrics", "global_step",
     "world_size", "guard_trips", "best_model_checkpoint", "stopped_early", "model_card",
-    "nonfinite_step", "last_good_checkpoint", "saved", "evaluation_error"}.
+    "nonfinite_step", "last_good_checkpoint", "saved", "evaluation_error", "health"} ("health": the
+    verdict, what stopped the run, every code seen, the probes and the end-of-run table, see
+    `verdict.TrainingHealth`).
 
     The final model is saved BEFORE the final evaluation (an evaluation error cannot lose a
     finished run), and after a NaN/Inf stop nothing is written or pushed as final: the result
@@ -69,6 +71,7 @@ def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
         "nonfinite_step": trainer.nonfinite_step, "last_good_checkpoint": trainer.last_good_checkpoint(),
         "saved": False, "evaluation_error": None,
     }
+    result["health"] = health_summary(trainer)
     if trainer.nonfinite_step is not None:
         logger.error("NaN/Inf at step %d: nothing is saved as the final model in %s; last good checkpoint: %s",
                      trainer.nonfinite_step, args.output_dir, result["last_good_checkpoint"] or "none")
@@ -79,8 +82,9 @@ def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
     result["saved"] = True
     evaluation, result["evaluation_error"] = final_evaluation(run, trainer)
     metrics.update(evaluation)
+    result["health"] = health_summary(trainer)  # with the final eval_vision_gap
     if trainer.is_world_process_zero():
-        result["model_card"] = write_card(run, trainer, metrics)
+        result["model_card"] = write_card(run, trainer, metrics, result["health"])
         if args.push_to_hub:
             push(run)
     print(f"hf-vlm train: rank {args.process_index} of {args.world_size} finished at step "
@@ -268,7 +272,19 @@ def record(run: PreparedRun, trainer, tower_saved: bool, exported: dict) -> None
     trainer.save_state()
 
 
-def write_card(run: PreparedRun, trainer, metrics: dict) -> str:
+def health_summary(trainer) -> dict | None:
+    """The TrainingHealth verdict, the code that stopped the run (if any) and the end-of-run table."""
+    from .verdict import TrainingHealth
+
+    health = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingHealth)), None)
+    if health is None:
+        return None
+    return {"verdict": health.verdict, "stopped_by": health.stopped_by, "tripped": sorted(health.tripped),
+            "seen": sorted({code for _, code in health.verdicts}), "probes": list(health.probes),
+            "table": health.table()}
+
+
+def write_card(run: PreparedRun, trainer, metrics: dict, health: dict | None = None) -> str:
     """The stage history (carried over from init_from) and the model card (README.md)."""
     from .freeze import describe_trainable
     from .model_card import load_history, stage_record, write_history, write_model_card
@@ -279,7 +295,7 @@ def write_card(run: PreparedRun, trainer, metrics: dict) -> str:
                          trainer.state.global_step, describe_trainable(trainer.model))
     write_history(args.output_dir, previous + [stage])
     return write_model_card(args.output_dir, previous + [stage], run.info["recipe"], run.info["overrides"],
-                            guard_trips=trainer.guard_trips)
+                            guard_trips=trainer.guard_trips, health=(health or {}).get("table"))
 
 
 def push(run: PreparedRun) -> str:

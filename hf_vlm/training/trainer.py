@@ -2,8 +2,10 @@
 
 * Parameter groups per module (bridge / qformer / lora / llm / vision), each with its own LR;
   weight decay only on >= 2-D weights (never biases, norms, Mamba's `A_log`/`D`, or queries).
-* `compute_loss` also gathers visual-embedding std/norm, the supervised-token fraction and
-  any per-part losses the model returns; `log()` averages and clears them (the TRL pattern).
+* `compute_loss` also gathers visual-embedding std/norm, the supervised-token fraction,
+  any per-part losses the model returns and what a guard's `observe_batch` returns (the
+  train-time vision probe); `log()` averages them across micro-batches and processes and clears
+  them (the TRL pattern).
 * The guard callbacks are installed from the arguments; the trainer feeds them what
   callbacks cannot see (batches, per-micro-batch losses, logs before they are printed).
 * Never non-finite weights on disk: weights are checked before every save, nothing is written
@@ -159,8 +161,10 @@ class MambaVLMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         if training:
-            for hook in self._hooks():
-                hook.observe_batch(self.args, self.state, self.control, inputs, self.model)
+            for hook in self._hooks():  # a hook may return 0-d tensors to log (gathered like the metrics below)
+                extra = hook.observe_batch(self.args, self.state, self.control, inputs, self.model)
+                for key, value in (extra or {}).items():
+                    self._metrics["train"][key].append(value)
         # a shallow copy: the parent pops "labels" when a custom loss function is set
         loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
         batch_loss = self._batch_mean_loss(loss, inputs, num_items_in_batch)
