@@ -16,6 +16,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 BRIDGE_TYPES = ("mlp", "qformer")
+FRESH_QFORMER_LOCALITY_BIAS = 4.0  # see QFormerBridge: a fresh Q-Former's queries start near their grid cell
+FRESH_QFORMER_LAYERS = 2  # a fresh Q-Former: 2 layers, each cross-attending (docs/architecture.md, "Q-Former")
 POOLING_TYPES = ("avg", "max")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 
@@ -45,7 +47,13 @@ class MambaVLMConfig(PreTrainedConfig):
         bridge_hidden_act (`str`, defaults to `"gelu"`):
             Activation between the two MLP layers.
         qformer_init_from (`str`, *optional*):
-            Path or hub id of a BLIP-2 checkpoint whose Q-Former weights initialise the bridge.
+            Path or hub id of a BLIP-2 checkpoint whose Q-Former weights initialise the bridge. It also
+            decides the default `qformer_config`: BLIP-2's own size when set, otherwise a Q-Former
+            sized from the vision tower (see `default_qformer_settings`).
+        qformer_locality_bias (`float`, *optional*):
+            Additive cross-attention bias of each Q-Former query on the patches of "its" grid cell
+            (see `QFormerBridge`). Default: 4.0 for a fresh Q-Former, 0.0 (BLIP-2 unchanged) with
+            `qformer_init_from`.
         image_token_id (`int`, defaults to 50277):
             Token id of the `<image>` placeholder. It may lie outside the LLM vocabulary: its
             embedding is never looked up, visual embeddings are scattered at its positions.
@@ -68,14 +76,17 @@ class MambaVLMConfig(PreTrainedConfig):
     bridge_pooling: str = "avg"
     bridge_hidden_act: str = "gelu"
     qformer_init_from: str | None = None
+    qformer_locality_bias: float | None = None
     image_token_id: int = 50277
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
         self._check_bridge_settings()
-        if self.bridge_type == "qformer" and self.qformer_config is None:
-            self.qformer_config = {"num_hidden_layers": 2}
         super().__post_init__(**kwargs)
+        if self.bridge_type == "qformer" and self.qformer_config is None:
+            self.qformer_config = AutoConfig.for_model("blip_2_qformer", **default_qformer_settings(self))
+        if self.qformer_locality_bias is None:
+            self.qformer_locality_bias = 0.0 if self.qformer_init_from else FRESH_QFORMER_LOCALITY_BIAS
         if self.qformer_config is not None:
             # the Q-Former cross-attends to vision features: its key/value width is the vision width
             self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
@@ -98,4 +109,30 @@ class MambaVLMConfig(PreTrainedConfig):
             raise ValueError(f"image_token_id must be >= 0, got {self.image_token_id}")
 
 
-__all__ = ["MambaVLMConfig", "BRIDGE_TYPES"]
+def default_qformer_settings(config) -> dict:
+    """`Blip2QFormerConfig` kwargs for a Q-Former bridge whose config was not given.
+
+    With `qformer_init_from` the BLIP-2 size (768 wide, 12 heads, 12 layers, cross-attention every
+    2nd layer), so that every pretrained tensor has a home. A *fresh* Q-Former is sized from the
+    tower it reads: its width, heads and MLP width (a 64-wide tiny ViT gets a 64-wide Q-Former,
+    CLIP-L a 1024-wide one), `FRESH_QFORMER_LAYERS` layers and cross-attention in every layer.
+    BLIP-2's 768/3072 on a 64-wide tower gave 12x the bridge's parameters, and with cross-attention
+    every 2nd layer a 2-layer Q-Former looked at the image once (docs/architecture.md, "Q-Former").
+    """
+    if config.qformer_init_from:
+        return {}
+    vision = config.vision_config
+    hidden = vision.hidden_size
+    heads = getattr(vision, "num_attention_heads", None) or max(1, hidden // 64)
+    if hidden % heads:
+        heads = 1
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "intermediate_size": getattr(vision, "intermediate_size", None) or 4 * hidden,
+        "num_hidden_layers": FRESH_QFORMER_LAYERS,
+        "cross_attention_frequency": 1,
+    }
+
+
+__all__ = ["MambaVLMConfig", "BRIDGE_TYPES", "default_qformer_settings"]

@@ -23,6 +23,7 @@ from .outputs import DEFAULT_CSV_LOG
 
 STAGES = ("align", "finetune")
 GUARD_ACTIONS = ("warn", "stop")
+PRETRAINED_QFORMER_LR = 1e-5  # BLIP-2's fine-tuning rate: for a Q-Former body loaded from BLIP-2 only
 # LoRA targets differ per language-model family (hf_vlm.backbones: which the fused kernels read raw,
 # which PEFT refuses). Here only a name no family knows is refused; the family's own list is applied
 # with its reasons when the adapters are added (hf_vlm.training.freeze), once the LM is known.
@@ -162,7 +163,11 @@ class MambaVLMTrainingArguments(TrainingArguments):
     )
     # --- per-module learning rates -------------------------------------------------------------
     bridge_learning_rate: float = _help("LR of the bridge (MLP / projection / Q-Former queries).", default=1e-4)
-    qformer_learning_rate: float = _help("LR of the Q-Former body (pretrained BLIP-2 weights).", default=1e-5)
+    qformer_learning_rate: float | None = _help(
+        f"LR of the Q-Former body. Default: {PRETRAINED_QFORMER_LR} when its weights came from BLIP-2 "
+        "(qformer_init_from), else bridge_learning_rate (a fresh Q-Former is a new module like the MLP bridge).",
+        default=None,
+    )
     lora_learning_rate: float = _help("LR of the LoRA adapters.", default=2e-5)
     llm_learning_rate: float | None = _help("LR of unfrozen LLM layers (default: learning_rate).", default=None)
     vision_learning_rate: float | None = _help(
@@ -292,6 +297,8 @@ class MambaVLMTrainingArguments(TrainingArguments):
             raise ValueError(f"unfreeze_llm_layers must be -1 (all), 0 (none) or N > 0, got {self.unfreeze_llm_layers}")
         for name in ("bridge_learning_rate", "qformer_learning_rate", "lora_learning_rate"):
             value = getattr(self, name)
+            if value is None and name == "qformer_learning_rate":
+                continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         band = [float(x) for x in self.healthy_loss_band]

@@ -25,7 +25,7 @@ from transformers import Trainer
 
 from ..checkpoints import tower_is_frozen, without_frozen_tower
 from ..data.collator import IGNORE_INDEX
-from .arguments import MambaVLMTrainingArguments
+from .arguments import PRETRAINED_QFORMER_LR, MambaVLMTrainingArguments
 from .callbacks import CollapseGuard, VisionProbe, default_callbacks
 from .checkpoint_integrity import (
     checkpoint_problems,
@@ -104,11 +104,29 @@ class MambaVLMTrainer(Trainer):
         args = self.args
         return {
             "bridge": args.bridge_learning_rate,
-            "qformer": args.qformer_learning_rate,
+            "qformer": self._qformer_lr(),
             "lora": args.lora_learning_rate,
             "language_model": args.llm_learning_rate if args.llm_learning_rate is not None else args.learning_rate,
             "vision_tower": args.vision_learning_rate if args.vision_learning_rate is not None else args.learning_rate,
         }.get(component, args.learning_rate)
+
+    def _qformer_lr(self) -> float:
+        """`qformer_learning_rate`, or by default: BLIP-2's 1e-5 for a pretrained body, the bridge's LR for a fresh one.
+
+        A fresh Q-Former at 1e-5 is a new module trained 10-300x slower than the rest of the bridge:
+        it stayed blind (docs/architecture.md, "Q-Former").
+        """
+        args = self.args
+        if args.qformer_learning_rate is not None:
+            return args.qformer_learning_rate
+        config = getattr(self.model, "config", None)
+        pretrained = bool(getattr(config, "qformer_init_from", None))
+        lr = PRETRAINED_QFORMER_LR if pretrained else args.bridge_learning_rate
+        if not getattr(self, "_qformer_lr_logged", False):
+            self._qformer_lr_logged = True
+            logger.info("Q-Former body LR %g (%s)", lr, f"BLIP-2 weights from {config.qformer_init_from}" if pretrained
+                        else "fresh Q-Former: bridge_learning_rate")
+        return lr
 
     def build_parameter_groups(self, model) -> list[dict]:
         """One (decay, no-decay) pair of groups per module, each with the module's LR and a `name`."""
