@@ -58,13 +58,13 @@ class MambaVLMProcessor(ProcessorMixin):
     @property
     def study_settings(self):
         """The `StudyPreprocessing` of this processor, or None (2-D images)."""
-        from .data.study_settings import StudyPreprocessing
+        from hf_vlm.data.study_settings import StudyPreprocessing  # absolute: remote code copies flat files only
 
         return None if self.study_preprocessing is None else StudyPreprocessing.from_dict(self.study_preprocessing)
 
     @study_settings.setter
     def study_settings(self, value) -> None:
-        from .data.study_settings import StudyPreprocessing
+        from hf_vlm.data.study_settings import StudyPreprocessing  # absolute: remote code copies flat files only
 
         if value is not None and not isinstance(value, StudyPreprocessing):
             value = StudyPreprocessing.from_dict(value)
@@ -76,7 +76,7 @@ class MambaVLMProcessor(ProcessorMixin):
         `images` is a `Study` (from `hf_vlm.data.studies.load_study`), or a list holding one, or
         a list of PIL slices in inferior -> superior order (z = slice centres).
         """
-        from .data.studies import Study
+        from hf_vlm.data.studies import Study
 
         if isinstance(images, (list, tuple)) and len(images) == 1 and isinstance(images[0], Study):
             images = images[0]
