@@ -70,6 +70,8 @@ class ModelArguments:
     qformer_init_from: str | None = _help(
         "BLIP-2 checkpoint to initialise the Q-Former bridge from (bridge_type='qformer' only).", default=None
     )
+    bridge_pooling: str = _help("MLP bridge: how patches (and slices) are pooled to the budget: avg or max.",
+                                default="avg")
     slice_position_embedding: bool = _help(
         "Studies: add a learned embedding of each slice's relative z to its patch features (hf_vlm.modeling_study).",
         default=False,

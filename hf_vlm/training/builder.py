@@ -43,6 +43,7 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
         "n_eval": synth_args.synthetic_eval_rows,
         "lm_steps": synth_args.synthetic_lm_steps,
         "seed": training_args.seed,
+        **({"studies": True} if synth_args.synthetic_studies else {}),  # 2-D asset markers stay valid
     }
     marker = os.path.join(out_dir, "assets.json")
     with training_args.main_process_first(desc="synthetic assets"):
@@ -130,6 +131,7 @@ def _bridge_kwargs(model_args, processor) -> dict:
         "vision_feature_layer": model_args.vision_feature_layer,
         "image_token_id": processor.image_token_id,
         "qformer_init_from": model_args.qformer_init_from,
+        "bridge_pooling": model_args.bridge_pooling,
         "slice_position_embedding": model_args.slice_position_embedding,
         "study_depth_tokens": model_args.study_depth_tokens,
     }
