@@ -8,8 +8,12 @@ slice-position embedding of the relative z tells the bridge where each slice lie
 bridge turns the whole study into one fixed budget, whatever S is:
 
 * `mlp`: 3-D adaptive pooling over (z, h, w) to `study_depth_tokens` z bins x a square in-plane
-  grid (`max_visual_tokens / study_depth_tokens` tokens per bin), then the bridge's MLP;
-* `qformer`: the learned queries cross-attend over the patches of all S slices at once.
+  grid (`max_visual_tokens / study_depth_tokens` tokens per bin), plus the mean position
+  embedding of each bin's slices, then the bridge's MLP. The embedding is added AFTER pooling
+  (for avg pooling the same as before it): the frozen features then need no backward pass, so a
+  32-slice step costs about what a one-slice step does (benchmarks/bench_study_step.py);
+* `qformer`: the learned queries cross-attend over the patches of all S slices at once (each
+  patch feature plus its slice's embedding).
 
 One `<image>` placeholder per study, so the count check and the collator are unchanged. A 2-D
 image is a study of one slice at z = 0.5; a model without a slice-position embedding and with
@@ -81,6 +85,14 @@ def pool_study_tokens(features: torch.Tensor, num_tokens: int, depth_tokens: int
     return pool_tokens(by_z, per_bin, mode).reshape(n, num_tokens, d)
 
 
+def pool_study_positions(positions: torch.Tensor, num_tokens: int, depth_tokens: int) -> torch.Tensor:
+    """`(n, S, Dv)` slice embeddings -> `(n, num_tokens, Dv)`: each z bin gets the mean embedding of
+    its slices, shared by its in-plane tokens (the z bins of `pool_study_tokens`)."""
+    n, s, d = positions.shape
+    by_bin = F.adaptive_avg_pool1d(positions.transpose(1, 2), depth_tokens).transpose(1, 2)  # (n, Tz, Dv)
+    return by_bin.repeat_interleave(num_tokens // depth_tokens, dim=1)
+
+
 def add_study_modules(model) -> None:
     """Attach the slice-position embedding to `model.bridge` when the config asks for it."""
     config = model.config
@@ -109,13 +121,14 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
         slice_z = torch.full((total,), SINGLE_SLICE_Z, device=vision_features.device)
     if slice_z.shape[0] != total:
         raise ValueError(f"slice_z has {slice_z.shape[0]} entries for {total} slices")
-    features = vision_features
-    if hasattr(bridge, "slice_position"):
-        features = features + bridge.slice_position(slice_z.to(features.device)).to(features.dtype)[:, None, :]
+    position = bridge.slice_position(slice_z.to(vision_features.device)) if hasattr(bridge, "slice_position") else None
     depth = getattr(config, "study_depth_tokens", 1)
-    if all(c == 1 for c in counts) and (config.bridge_type != "mlp" or depth == 1):
-        return bridge(features)  # 2-D images: the bridge's own path
-    chunks = features.split(counts)
+    if position is None and depth == 1 and all(c == 1 for c in counts):
+        return bridge(vision_features)  # 2-D images into a 2-D model: the bridge's own path, unchanged
+    if config.bridge_type != "mlp" and position is not None:
+        vision_features = vision_features + position.to(vision_features.dtype)[:, None, :]
+    chunks = vision_features.split(counts)
+    positions = position.split(counts) if position is not None else None
     by_count: dict[int, list[int]] = {}
     for i, count in enumerate(counts):
         by_count.setdefault(count, []).append(i)
@@ -124,7 +137,10 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
         group = torch.stack([chunks[i] for i in rows])  # (n, S, P, Dv)
         n, s, p, d = group.shape
         if config.bridge_type == "mlp":
-            pooled = pool_study_tokens(group, config.max_visual_tokens, depth, config.bridge_pooling)
+            pooled = pool_study_tokens(group, config.max_visual_tokens, depth, config.bridge_pooling)  # (n, K, Dv)
+            if positions is not None:
+                pooled = pooled + pool_study_positions(torch.stack([positions[i] for i in rows]),
+                                                       config.max_visual_tokens, depth).to(pooled.dtype)
             encoded = bridge(pooled)  # (n, K, Dt); its own pooling is the identity at K tokens
         else:
             encoded = bridge(group.reshape(n, s * p, d))  # queries attend over all slices' patches
@@ -133,4 +149,5 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
     return torch.stack(out)
 
 
-__all__ = ["SlicePositionEmbedding", "add_study_modules", "encode_studies", "pool_study_tokens", "uses_study_encoder"]
+__all__ = ["SlicePositionEmbedding", "add_study_modules", "encode_studies", "pool_study_positions", "pool_study_tokens",
+           "uses_study_encoder"]
