@@ -11,7 +11,7 @@ bridge turns the whole study into one fixed budget, whatever S is:
   grid (`max_visual_tokens / study_depth_tokens` tokens per bin), plus the mean position
   embedding of each bin's slices, then the bridge's MLP. The embedding is added AFTER pooling
   (for avg pooling the same as before it): the frozen features then need no backward pass, so a
-  32-slice step costs about what a one-slice step does (benchmarks/bench_study_step.py);
+  32-slice step costs little more than a one-slice step (benchmarks/bench_study_step.py);
 * `qformer`: the learned queries cross-attend over the patches of all S slices at once (each
   patch feature plus its slice's embedding).
 
@@ -64,25 +64,25 @@ class SlicePositionEmbedding(nn.Module):
         return self.proj(features)  # (N, Dv)
 
 
+def _z_bins(num_slices: int, depth_tokens: int) -> list[tuple[int, int]]:
+    """[start, stop) slice range of each z bin, as torch's adaptive pooling draws them."""
+    return [((i * num_slices) // depth_tokens, -((-(i + 1) * num_slices) // depth_tokens)) for i in range(depth_tokens)]
+
+
 def pool_study_tokens(features: torch.Tensor, num_tokens: int, depth_tokens: int, mode: str = "avg") -> torch.Tensor:
     """`(n, S, P, D)` slices of n studies -> `(n, num_tokens, D)`, z-major (bin 0 = most inferior).
 
-    A square patch grid with a square per-bin budget is pooled in 3-D (z, h, w), keeping the
-    in-plane neighbourhoods; otherwise z is pooled first, then the patches as in `pool_tokens`.
-    S < depth_tokens repeats slices (adaptive pooling), so S = 1 still gives the full budget.
+    3-D adaptive pooling over (z, h, w), computed separably (exact for avg and max: a pooling box
+    is a z range x an in-plane cell): z first, by reducing contiguous slice ranges (one pass over
+    the S slices, no transposed copy of them), then each bin's patch grid as in `pool_tokens`
+    (2-D for a square grid and square per-bin budget, else 1-D). S < depth_tokens repeats slices,
+    so S = 1 still gives the full budget.
     """
     n, s, p, d = features.shape
+    reduce = (lambda x: x.mean(1)) if mode == "avg" else (lambda x: x.amax(1))
+    by_z = torch.stack([reduce(features[:, a:b]) for a, b in _z_bins(s, depth_tokens)], dim=1)  # (n, Tz, P, D)
     per_bin = num_tokens // depth_tokens
-    side, out_side = math.isqrt(p), math.isqrt(per_bin)
-    if side * side == p and out_side * out_side == per_bin:
-        grid = features.permute(0, 3, 1, 2).reshape(n, d, s, side, side)  # (n, D, S, h, w)
-        pool3d = F.adaptive_avg_pool3d if mode == "avg" else F.adaptive_max_pool3d
-        pooled = pool3d(grid, (depth_tokens, out_side, out_side))  # (n, D, Tz, o, o)
-        return pooled.flatten(2).transpose(1, 2)  # (n, K, D)
-    pool1d = F.adaptive_avg_pool1d if mode == "avg" else F.adaptive_max_pool1d
-    by_z = pool1d(features.permute(0, 2, 3, 1).reshape(n * p, d, s), depth_tokens)  # (n*P, D, Tz)
-    by_z = by_z.reshape(n, p, d, depth_tokens).permute(0, 3, 1, 2).reshape(n * depth_tokens, p, d)
-    return pool_tokens(by_z, per_bin, mode).reshape(n, num_tokens, d)
+    return pool_tokens(by_z.reshape(n * depth_tokens, p, d), per_bin, mode).reshape(n, num_tokens, d)
 
 
 def pool_study_positions(positions: torch.Tensor, num_tokens: int, depth_tokens: int) -> torch.Tensor:
@@ -134,7 +134,10 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
         by_count.setdefault(count, []).append(i)
     out: list[torch.Tensor | None] = [None] * len(counts)
     for rows in by_count.values():
-        group = torch.stack([chunks[i] for i in rows])  # (n, S, P, Dv)
+        if len(by_count) == 1:  # every study has S slices: a view, no copy of the features
+            group = vision_features.reshape(len(counts), counts[0], *vision_features.shape[1:])
+        else:
+            group = torch.stack([chunks[i] for i in rows])  # (n, S, P, Dv)
         n, s, p, d = group.shape
         if config.bridge_type == "mlp":
             pooled = pool_study_tokens(group, config.max_visual_tokens, depth, config.bridge_pooling)  # (n, K, Dv)

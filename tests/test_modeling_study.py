@@ -77,6 +77,12 @@ def test_pooling_is_3d_and_z_major():
     assert pooled[0, :, 0].reshape(4, 4).mean(1).tolist() == [0.5, 2.5, 4.5, 6.5]
     assert pool_study_tokens(features[:, :1], 16, 4).shape == (1, 16, 2)  # S=1 still fills the budget
     assert pool_study_tokens(torch.randn(2, 5, 12, 3), 6, 2).shape == (2, 6, 3)  # non-square: 1-D fallback
+    # the separable computation equals torch's 3-D adaptive pooling over (z, h, w)
+    for s, (mode, pool3d) in [(5, ("avg", torch.nn.functional.adaptive_avg_pool3d)),
+                              (7, ("max", torch.nn.functional.adaptive_max_pool3d))]:
+        x = torch.randn(2, s, 16, 3)
+        reference = pool3d(x.permute(0, 3, 1, 2).reshape(2, 3, s, 4, 4), (4, 2, 2)).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(pool_study_tokens(x, 16, 4, mode), reference)
 
 
 def test_study_depth_tokens_must_divide_the_budget(micro_config):
