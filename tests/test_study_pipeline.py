@@ -138,3 +138,19 @@ def test_dataset_and_feature_cache_apply_the_processor_settings(study_checkpoint
 def test_processor_settings_round_trip(study_checkpoint):
     checkpoint, _, processor = study_checkpoint
     assert MambaVLMProcessor.from_pretrained(checkpoint).study_settings == processor.study_settings
+
+
+@pytest.mark.slow
+def test_study_demo_trains_on_volumes_and_scores_against_baselines(tmp_path, capsys):
+    """`hf-vlm demo --studies` end to end at toy size: studies trained from the feature cache, the
+    held-out studies scored next to shuffled studies and chance (the middle-slice baseline is the
+    same code with study_slice_sampling: middle, left out here to keep the test short)."""
+    out = tmp_path / "demo3d"
+    assert main(["demo", "--studies", "--output_dir", str(out), "--n_train", "8", "--n_eval", "4", "--lm_steps", "2",
+                 "--align_steps", "1", "--finetune_steps", "2", "--batch_size", "4", "--no-middle_baseline"]) == 0
+    scores = json.loads((out / "demo_scores.json").read_text())
+    assert set(scores) >= {"model", "blind (shuffled)", "chance"}
+    assert scores["model"]["all_studies"]["n"] == 4
+    saved = json.loads((out / "final" / "processor_config.json").read_text())
+    assert saved["study_preprocessing"]["slice_sampling"] == "all"  # the recipe's settings, saved
+    assert "off_middle" in capsys.readouterr().out
