@@ -57,6 +57,12 @@ class MambaVLMConfig(PreTrainedConfig):
         image_token_id (`int`, defaults to 50277):
             Token id of the `<image>` placeholder. It may lie outside the LLM vocabulary: its
             embedding is never looked up, visual embeddings are scattered at its positions.
+        slice_position_embedding (`bool`, defaults to `False`):
+            Add a learned embedding of each slice's relative z to its patch features (studies of
+            several slices, see `hf_vlm.modeling_study`). False keeps the 2-D model unchanged.
+        study_depth_tokens (`int`, defaults to 1):
+            MLP bridge: z bins of the 3-D pooling; the budget is split into this many bins of
+            `max_visual_tokens / study_depth_tokens` in-plane tokens. 1 = the 2-D pooling.
     """
 
     model_type = "mamba_vlm"
@@ -79,6 +85,8 @@ class MambaVLMConfig(PreTrainedConfig):
     qformer_locality_bias: float | None = None
     image_token_id: int = 50277
     tie_word_embeddings: bool = True
+    slice_position_embedding: bool = False
+    study_depth_tokens: int = 1
 
     def __post_init__(self, **kwargs):
         self._check_bridge_settings()
@@ -105,6 +113,10 @@ class MambaVLMConfig(PreTrainedConfig):
             )
         if not isinstance(self.max_visual_tokens, int) or self.max_visual_tokens < 1:
             raise ValueError(f"max_visual_tokens must be a positive integer, got {self.max_visual_tokens!r}")
+        depth = self.study_depth_tokens
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1 or self.max_visual_tokens % depth:
+            raise ValueError(f"study_depth_tokens must be a positive divisor of max_visual_tokens="
+                             f"{self.max_visual_tokens}, got {depth!r}")
         if self.image_token_id < 0:
             raise ValueError(f"image_token_id must be >= 0, got {self.image_token_id}")
 

@@ -59,15 +59,25 @@ def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps
 
 
 def build_demo_assets(
-    out_dir: str, n_train: int = 800, n_eval: int = 100, preset: str = "tiny", lm_steps: int = 150, seed: int = 0
+    out_dir: str, n_train: int = 800, n_eval: int = 100, preset: str = "tiny", lm_steps: int = 150, seed: int = 0,
+    studies: bool = False,
 ) -> DemoAssets:
-    """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`."""
+    """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`.
+
+    `studies`: the data are synthetic CT volumes (NIfTI, `hf_vlm.synthetic_volumes`) whose reports
+    state side, lobe, size and level of a nodule that is rarely on the middle slice."""
     torch.manual_seed(seed)
     random.seed(seed)
     data_dir = os.path.join(out_dir, "data")
     vision_cfg = tiny_vision_config(preset)
-    train_csv = make_synthetic_dataset(data_dir, n_train, seed=seed, image_size=vision_cfg.image_size, split="train")
-    eval_csv = make_synthetic_dataset(data_dir, n_eval, seed=seed + 1, image_size=vision_cfg.image_size, split="eval")
+    if studies:
+        from .synthetic_volumes import make_synthetic_studies
+
+        make = make_synthetic_studies
+    else:
+        make = make_synthetic_dataset
+    train_csv = make(data_dir, n_train, seed=seed, image_size=vision_cfg.image_size, split="train")
+    eval_csv = make(data_dir, n_eval, seed=seed + 1, image_size=vision_cfg.image_size, split="eval")
 
     reports = pd.read_csv(train_csv)["caption"].tolist()
     prompt_text = f"{DEFAULT_PROMPT}\n"

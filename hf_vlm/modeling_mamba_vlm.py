@@ -28,6 +28,7 @@ from .backbones import get_family
 from .bridges import build_bridge
 from .compat import CACHE_FIELD, cache_kwargs, lm_cache, pop_cache_kwarg
 from .configuration_mamba_vlm import MambaVLMConfig
+from .modeling_study import add_study_modules, encode_studies, uses_study_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
         self.bridge = build_bridge(config)
+        add_study_modules(self)  # slice-position embedding (studies), see modeling_study.py
         if language_model is None:  # any family of hf_vlm.backbones, from its config (Mamba by default)
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
@@ -151,13 +153,20 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         return hidden[:, self._num_prefix_tokens(hidden.shape[1]) :]
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+        slice_counts: torch.Tensor | None = None, slice_z: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Bridge output for each image: `(N, max_visual_tokens, D_text)`."""
+        """Bridge output for each study (or image): `(B, max_visual_tokens, D_text)`.
+
+        `slice_counts` / `slice_z` describe studies of several slices (see `modeling_study`);
+        without them each image is a study of one slice.
+        """
         if vision_features is None:
             vision_features = self.get_vision_features(pixel_values)
         bridge_dtype = next(self.bridge.parameters()).dtype
-        return self.bridge(vision_features.to(bridge_dtype))
+        if slice_counts is None and not uses_study_encoder(self):
+            return self.bridge(vision_features.to(bridge_dtype))
+        return encode_studies(self, vision_features.to(bridge_dtype), slice_counts, slice_z)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.Tensor:
         """Boolean `(B, L)` mask of `<image>` positions; raises if it does not match the features."""
@@ -178,6 +187,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        slice_counts: torch.Tensor | None = None,
+        slice_z: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with visual embeddings scattered in: `(B, L, D)`, plus the visual part."""
         image_mask = input_ids == self.config.image_token_id
@@ -190,7 +201,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
                     f"input_ids contain {int(image_mask.sum())} <image> tokens but no pixel_values were given"
                 )
             return inputs_embeds, None
-        image_features = self.get_image_features(pixel_values, vision_features)  # (N, K, D)
+        image_features = self.get_image_features(pixel_values, vision_features, slice_counts, slice_z)  # (N, K, D)
         mask = self.get_placeholder_mask(input_ids, image_features)
         image_features = image_features.to(inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
@@ -205,6 +216,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        slice_counts: torch.LongTensor | None = None,
+        slice_z: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -213,7 +226,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> MambaVLMCausalLMOutput:
         """`vision_features` (cached vision-tower output, see `get_vision_features`) replaces
-        `pixel_values` when the tower is frozen and features were pre-computed. The recurrent
+        `pixel_values` when the tower is frozen and features were pre-computed. `slice_counts` (B,)
+        and `slice_z` (sum S,) group the slices into studies (see `modeling_study`). The recurrent
         cache comes as `cache` (or the pre-5.24 `cache_params`) in `kwargs`. `position_ids` reach
         LMs with attention layers (hybrids: RoPE positions of left-padded rows during generation)."""
         cache = pop_cache_kwarg(kwargs)
@@ -221,7 +235,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (with <image> placeholders) or inputs_embeds")
-            inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, vision_features)
+            inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, vision_features,
+                                                              slice_counts, slice_z)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -263,6 +278,8 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
                 model_inputs["attention_mask"] = None
             model_inputs.pop("pixel_values", None)
             model_inputs.pop("vision_features", None)
+            model_inputs.pop("slice_counts", None)
+            model_inputs.pop("slice_z", None)
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
@@ -271,9 +288,14 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         The base class repeats every tensor row by row; `pixel_values` has one row per image, so a
         two-image study would hand its beams the images a1 a1 a2 a2 instead of a1 a2 a1 a2.
         """
-        per_image = {k: model_kwargs.pop(k) for k in ("pixel_values", "vision_features") if model_kwargs.get(k) is not None}
+        per_image = {k: model_kwargs.pop(k) for k in ("pixel_values", "vision_features", "slice_z")
+                     if model_kwargs.get(k) is not None}
         if expand_size > 1 and per_image and input_ids is not None:
-            images_per_row = ((input_ids == self.config.image_token_id).sum(-1) // self.config.max_visual_tokens).tolist()
+            if model_kwargs.get("slice_counts") is not None:  # studies: one per row, slice_counts[i] slices
+                images_per_row = [int(c) for c in model_kwargs["slice_counts"].tolist()]
+            else:
+                images_per_row = ((input_ids == self.config.image_token_id).sum(-1)
+                                  // self.config.max_visual_tokens).tolist()
             for key, value in per_image.items():
                 groups = value.split(images_per_row)
                 per_image[key] = torch.cat([g for g in groups for _ in range(expand_size)])

@@ -27,6 +27,11 @@ class MambaVLMProcessor(ProcessorMixin):
         prompt_template: must contain `{prompt}`; `{images}` is where the `<image>` markers go
             when the prompt itself has none.
         default_prompt: used when a row has no prompt.
+        study_preprocessing: `StudyPreprocessing.to_dict()` (windows, slice count and sampling,
+            spacing, crop, image size): set, each row is ONE study (one `<image>`, its slices
+            encoded together, see `hf_vlm.modeling_study`) and every consumer (training, generate,
+            serve, eval, the feature cache) loads studies with these settings; None = 2-D images,
+            one `<image>` each (processors saved before studies).
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class MambaVLMProcessor(ProcessorMixin):
         max_visual_tokens: int = 64,
         prompt_template: str = DEFAULT_TEMPLATE,
         default_prompt: str = DEFAULT_PROMPT,
+        study_preprocessing: dict | None = None,
         **kwargs,
     ):
         if "{prompt}" not in prompt_template:
@@ -43,8 +49,46 @@ class MambaVLMProcessor(ProcessorMixin):
         self.max_visual_tokens = int(max_visual_tokens)
         self.prompt_template = prompt_template
         self.default_prompt = default_prompt
+        self.study_preprocessing = None
+        self.study_settings = study_preprocessing  # validated; stored as its JSON-safe dict
         super().__init__(image_processor, tokenizer, **kwargs)
         self.image_token_id = ensure_image_token(self.tokenizer)
+
+    # --- studies ------------------------------------------------------------------------------
+    @property
+    def study_settings(self):
+        """The `StudyPreprocessing` of this processor, or None (2-D images)."""
+        from hf_vlm.data.study_settings import StudyPreprocessing  # absolute: remote code copies flat files only
+
+        return None if self.study_preprocessing is None else StudyPreprocessing.from_dict(self.study_preprocessing)
+
+    @study_settings.setter
+    def study_settings(self, value) -> None:
+        from hf_vlm.data.study_settings import StudyPreprocessing  # absolute: remote code copies flat files only
+
+        if value is not None and not isinstance(value, StudyPreprocessing):
+            value = StudyPreprocessing.from_dict(value)
+        self.study_preprocessing = None if value is None else value.to_dict()
+
+    def encode_study(self, images) -> dict:
+        """One study -> `pixel_values` (S, C, H, W) and `slice_z` (S,).
+
+        `images` is a `Study` (from `hf_vlm.data.studies.load_study`), or a list holding one, or
+        a list of PIL slices in inferior -> superior order (z = slice centres).
+        """
+        from hf_vlm.data.studies import Study
+
+        if isinstance(images, (list, tuple)) and len(images) == 1 and isinstance(images[0], Study):
+            images = images[0]
+        if isinstance(images, Study):
+            slices, z = images.to_pil(), images.z.float()
+        else:
+            slices = list(images) if isinstance(images, (list, tuple)) else [images]
+            if any(isinstance(im, Study) for im in slices):
+                raise ValueError(f"{len(slices)} studies given where one study was expected: one <image> per study")
+            z = (torch.arange(len(slices), dtype=torch.float32) + 0.5) / max(len(slices), 1)
+        pixels = self.image_processor(images=slices, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "slice_z": z}
 
     # --- text ---------------------------------------------------------------------------------
     def format_prompt(self, prompt: str | None, num_images: int) -> str:
@@ -87,6 +131,10 @@ class MambaVLMProcessor(ProcessorMixin):
 
         Truncation is left to the collator, which must never cut visual or prompt tokens.
         """
+        if self.study_preprocessing is not None:
+            example = self.encode_text(prompt, answer, 1)
+            example.update(self.encode_study(images))
+            return example
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         example = self.encode_text(prompt, answer, len(images))
         example["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -95,6 +143,9 @@ class MambaVLMProcessor(ProcessorMixin):
     # --- batched inference --------------------------------------------------------------------
     def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> BatchFeature:
         """Batch of prompts (one list of images per prompt), LEFT-padded for generation.
+
+        With study settings each prompt's images form one study (a `Study` or its slices): the
+        batch then also holds `slice_counts` and `slice_z`.
 
         Returns a `BatchFeature` (`input_ids`, `attention_mask`, `pixel_values`), so
         `processor(...).to(model.device)` works as with any transformers processor.
@@ -109,14 +160,22 @@ class MambaVLMProcessor(ProcessorMixin):
             per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         if len(per_prompt) != len(text):
             raise ValueError(f"{len(text)} prompts but {len(per_prompt)} image groups")
-        rows = [self.tokenize_prompt(p, len(ims)) for p, ims in zip(text, per_prompt)]
+        study = self.study_preprocessing is not None
+        rows = [self.tokenize_prompt(p, 1 if study and ims else len(ims)) for p, ims in zip(text, per_prompt)]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         flat = [im for ims in per_prompt for im in ims]
-        if flat:
+        if study and flat:
+            if not all(per_prompt):
+                raise ValueError("a study processor needs one study per prompt (some prompts have no images)")
+            encoded = [self.encode_study(ims) for ims in per_prompt]
+            out["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+            out["slice_z"] = torch.cat([e["slice_z"] for e in encoded])
+            out["slice_counts"] = torch.tensor([len(e["slice_z"]) for e in encoded], dtype=torch.long)
+        elif flat:
             out["pixel_values"] = self.image_processor(images=flat, return_tensors="pt")["pixel_values"]
         return BatchFeature(data=out, tensor_type=return_tensors)
 

@@ -30,8 +30,11 @@ def test_every_recipe_parses_into_the_dataclasses(path):
     assert training_args.report_to == [] or training_args.report_to == ["none"] or training_args.report_to == "none"
     assert not training_args.push_to_hub and not training_args.fp16
     assert info["recipe_path"] == str(path)
-    if path.stem == "tiny_demo":
+    if path.stem in ("tiny_demo", "tiny_demo_3d"):
         assert model_args.tiny_preset == "tiny" and synth_args.synthetic_data
+        if path.stem == "tiny_demo_3d":  # studies: the settings become the processor's
+            assert data_args.studies and synth_args.synthetic_studies and model_args.slice_position_embedding
+            assert data_args.study_preprocessing().slice_sampling == "all"
     else:
         assert model_args.language_model_name_or_path == "state-spaces/mamba-2.8b-hf"
         assert model_args.vision_model_name_or_path == "openai/clip-vit-large-patch14"

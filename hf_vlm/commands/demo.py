@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=5, help="generated reports to print next to the truth")
+    parser.add_argument("--studies", action="store_true",
+                        help="train on synthetic CT studies (recipes/tiny_demo_3d.yaml) and score side/lobe/size/level")
+    parser.add_argument("--middle_baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --studies: also train the same recipe on the middle slice only (baseline)")
 
 
 def run_stages(args) -> dict:
@@ -86,6 +90,10 @@ def run(args) -> int:
 
     from ..synthetic import chance_accuracy
 
+    if getattr(args, "studies", False):
+        from ..demo_studies import run as run_studies
+
+        return run_studies(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.time()
     set_seed(args.seed)

@@ -3,7 +3,12 @@
     hf-vlm generate --checkpoint outputs/run/final --images test_clean.csv --output reports.csv
     hf-vlm generate --checkpoint outputs/run/final --images scan.png      # streams to the terminal
 
-Every input image gets exactly one output row (`image_path, prompt, report, error`): an image
+A folder may hold studies: NIfTI files and DICOM series sub-folders (a sub-folder with DICOM
+files is one study), next to 2-D images. With a study checkpoint (its processor carries
+`study_preprocessing`) every row is one study loaded with the checkpoint's settings; the
+`--num_slices`, `--slice_sampling`, `--windows` and `--max_slices` flags may only repeat them.
+
+Every input image or study gets exactly one output row (`image_path, prompt, report, error`): an image
 that cannot be read gets an empty report and the reason in `error`, so a run over 10,000
 studies never loses rows silently and `hf-vlm eval` can join predictions by `image_path`.
 CSV output is utf-8-sig (Excel opens the Chinese text correctly); JSONL keeps the characters
@@ -31,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="prompt for rows without one (default: the processor's training prompt)")
     parser.add_argument("--image_root", default=None, help="folder that relative CSV paths are relative to (default: the CSV's folder)")
     parser.add_argument("--path_map", default=None, help="rewrite path prefixes, e.g. 'D:/data=/mnt/d/data'")
-    parser.add_argument("--max_slices", type=int, default=DEFAULT_MAX_SLICES, help="slices taken from a DICOM series / NIfTI volume (as in training)")
+    parser.add_argument("--max_slices", type=int, default=None,
+                        help=f"2-D checkpoints: slices taken from a DICOM series / NIfTI volume (default "
+                             f"{DEFAULT_MAX_SLICES}); study checkpoints: must equal their num_slices")
+    parser.add_argument("--num_slices", type=int, default=None, help="study checkpoints: must equal the saved setting")
+    parser.add_argument("--slice_sampling", default=None, help="study checkpoints: must equal the saved setting")
+    parser.add_argument("--windows", nargs="+", default=None, help="study checkpoints: must equal the saved CT windows")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--num_beams", type=int, default=None, help="beam search width (default: greedy)")
@@ -52,8 +62,7 @@ def list_inputs(args) -> tuple[list[dict], str | None]:
     """Rows `{"image_path", "prompt", "source"}` and the base folder for relative CSV paths."""
     source = Path(args.images)
     if source.is_dir():
-        pattern = "**/*" if args.recursive else "*"
-        files = sorted(p for p in source.glob(pattern) if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        files = _folder_inputs(source, args.recursive)
         if not files:
             raise ValueError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}){'' if args.recursive else '; try --recursive'}")
         return [{"image_path": str(p), "prompt": args.prompt or "", "source": str(p)} for p in files], None
@@ -75,6 +84,27 @@ def list_inputs(args) -> tuple[list[dict], str | None]:
     return rows, str(source.parent)
 
 
+def _is_series(folder: Path) -> bool:
+    from ..data.images import is_dicom
+
+    return any(f.is_file() and is_dicom(f) for f in folder.iterdir())
+
+
+def _folder_inputs(folder: Path, recursive: bool, top: bool = True) -> list[Path]:
+    """Images and NIfTI files of `folder`, and each sub-folder holding DICOM files as ONE study
+    (a series); `recursive` also descends into the other sub-folders."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
+            found.append(path)
+        elif path.is_dir() and not path.name.startswith("."):
+            if _is_series(path):
+                found.append(path)
+            elif recursive:
+                found.extend(_folder_inputs(path, recursive, top=False))
+    return found
+
+
 def refuse_overwriting_input(args) -> None:
     """`--output` must not be the input CSV (it holds the references `hf-vlm eval` needs)."""
     if not args.output or not Path(args.images).is_file():
@@ -86,11 +116,28 @@ def refuse_overwriting_input(args) -> None:
                          "there would destroy it (and its reference captions). Choose another --output.")
 
 
-def _load(row: dict, args, base_dir: str | None):
+def _load(row: dict, args, base_dir: str | None, settings=None):
+    """The images of one row: `[Study]` with the checkpoint's study settings, else 2-D images."""
+    if settings is not None:
+        from ..data.studies import load_study
+
+        return [load_study(row["source"], settings, image_root=args.image_root, path_map=args.path_map,
+                           base_dir=base_dir)]
     from ..data.images import load_images
 
     return load_images(row["source"], image_root=args.image_root, path_map=args.path_map,
-                       base_dir=base_dir, max_slices=args.max_slices)
+                       base_dir=base_dir, max_slices=args.max_slices or DEFAULT_MAX_SLICES)
+
+
+def check_study_arguments(args, processor) -> None:
+    """Study flags may only repeat the checkpoint's settings (`--max_slices` means num_slices there)."""
+    from ..data.study_settings import check_study_flags
+
+    settings = processor.study_settings
+    requested = {name: getattr(args, name, None) for name in ("num_slices", "slice_sampling", "windows")}
+    if settings is not None and args.max_slices is not None:
+        requested["num_slices"] = requested["num_slices"] or args.max_slices
+    check_study_flags(settings, requested, args.checkpoint)
 
 
 class ReportWriter:
@@ -137,6 +184,7 @@ def run(args) -> int:
         model, processor, _settings = load_for_inference(
             args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
             device=args.device, dtype=args.dtype)
+        check_study_arguments(args, processor)
     except (SettingsMismatchError, ValueError, OSError) as exc:
         print(f"hf-vlm generate: error: {exc}", file=sys.stderr)
         return 2
@@ -152,7 +200,7 @@ def run(args) -> int:
             batch, ready, images = rows[start:start + args.batch_size], [], []
             for row in batch:
                 try:
-                    images.append(_load(row, args, base_dir))
+                    images.append(_load(row, args, base_dir, processor.study_settings))
                     ready.append(row)
                 except Exception as exc:  # any unreadable input becomes an error row, never a lost row
                     row["report"], row["error"] = "", f"{type(exc).__name__}: {exc}"

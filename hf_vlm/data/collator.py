@@ -105,6 +105,10 @@ class DataCollatorForMambaVLM:
             batch["pixel_values"] = torch.cat([torch.as_tensor(f["pixel_values"]) for f in features], dim=0)
         if "vision_features" in features[0]:
             batch["vision_features"] = torch.cat([torch.as_tensor(f["vision_features"]) for f in features], dim=0)
+        if "slice_z" in features[0]:  # studies (hf_vlm.modeling_study): one per row, its slices in order
+            zs = [torch.as_tensor(f["slice_z"], dtype=torch.float32).reshape(-1) for f in features]
+            batch["slice_z"] = torch.cat(zs)
+            batch["slice_counts"] = torch.tensor([len(z) for z in zs], dtype=torch.long)
         if self.log_first_example and not self._logged:
             self._log_example(rows[0], prompt_lengths[0])
         return batch

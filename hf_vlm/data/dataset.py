@@ -89,15 +89,23 @@ def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None 
 
 
 def decode_batch(batch: dict, *, max_slices: int, image_root: str | None, path_map: PathMap,
-                 window_center: float | None, window_width: float | None) -> dict:
-    """``with_transform`` function: a batch of rows -> images + text, errors naming the row."""
+                 window_center: float | None, window_width: float | None, study_settings=None) -> dict:
+    """``with_transform`` function: a batch of rows -> images + text, errors naming the row.
+
+    With ``study_settings`` (a `StudyPreprocessing`) each row's images are ``[Study]``: the whole
+    study loaded by `hf_vlm.data.studies.load_study`; otherwise a list of 2-D PIL images."""
     out = {"images": [], "prompt": [], "caption": [], "image_path": [], "row_id": []}
     sources = batch.get("image_files") or batch["image_path"]
     for i, source in enumerate(sources):
         row_id, caption = batch["row_id"][i] if "row_id" in batch else i, batch["caption"][i]
         try:
-            images = load_images(source, image_root=image_root, path_map=path_map, max_slices=max_slices,
-                                 window_center=window_center, window_width=window_width)
+            if study_settings is not None:
+                from .studies import load_study
+
+                images = [load_study(source, study_settings, image_root=image_root, path_map=path_map)]
+            else:
+                images = load_images(source, image_root=image_root, path_map=path_map, max_slices=max_slices,
+                                     window_center=window_center, window_width=window_width)
         except ImageLoadError as e:
             raise ImageLoadError(f"row_id {row_id} (caption {caption[:30]!r}): {e}") from e
         out["images"].append(images)
@@ -108,10 +116,11 @@ def decode_batch(batch: dict, *, max_slices: int, image_root: str | None, path_m
     return out
 
 
-def with_image_transform(ds, max_slices: int = DEFAULT_MAX_SLICES, *, image_root: str | None = None, path_map: PathMap = None,
-                         window_center: float | None = DEFAULT_WINDOW[0], window_width: float | None = DEFAULT_WINDOW[1]):
-    """Return ``ds`` whose rows are ``{"images": list[PIL.Image], "prompt", "caption",
+def with_image_transform(ds, max_slices: int = DEFAULT_MAX_SLICES, *, image_root: str | None = None,
+                         path_map: PathMap = None, window_center: float | None = DEFAULT_WINDOW[0],
+                         window_width: float | None = DEFAULT_WINDOW[1], study_settings=None):
+    """Return ``ds`` whose rows are ``{"images": list[PIL.Image] (or [Study]), "prompt", "caption",
     "image_path", "row_id"}``; ``image_root``/``path_map`` only matter without ``image_files``."""
     return ds.with_transform(functools.partial(
         decode_batch, max_slices=max_slices, image_root=image_root, path_map=path_map,
-        window_center=window_center, window_width=window_width))
+        window_center=window_center, window_width=window_width, study_settings=study_settings))

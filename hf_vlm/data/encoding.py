@@ -32,8 +32,11 @@ class EncodeCaptionRows:
             path_map=None,
             window_center=self.window_center,
             window_width=self.window_width,
+            study_settings=getattr(self.processor, "study_settings", None),  # the processor's, by construction
         )
         out: dict[str, list] = {"input_ids": [], "prompt_length": [], "pixel_values": [], "row_id": []}
+        if getattr(self.processor, "study_preprocessing", None) is not None:
+            out["slice_z"] = []
         if self.source_file:
             out["source_file"] = []
         for images, prompt, caption, row_id in zip(
@@ -44,8 +47,9 @@ class EncodeCaptionRows:
             except ValueError as error:  # two <image> markers, an empty answer ...: name the row
                 where = f"{self.source_file} row_id {row_id}" if self.source_file else f"row_id {row_id}"
                 raise ValueError(f"{where}: {error}") from error
-            for key in ("input_ids", "prompt_length", "pixel_values"):
-                out[key].append(example[key])
+            for key in ("input_ids", "prompt_length", "pixel_values", "slice_z"):
+                if key in out:
+                    out[key].append(example[key])
             out["row_id"].append(row_id)
             if self.source_file:
                 out["source_file"].append(self.source_file)

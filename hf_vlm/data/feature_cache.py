@@ -10,7 +10,10 @@ skips the tower).
 Validity. Entries live under `cache_dir/<fingerprint>/`. The fingerprint hashes every byte
 of the tower's state_dict (xxh3, ~GB/s; a sampled hash could miss one changed weight), its
 config, `vision_feature_layer`, the select strategy, the image processor config and the
-decoding settings (max_slices, CT window). Anything changes -> another directory; the old
+decoding settings (max_slices, CT window; for studies the processor's `StudyPreprocessing`
+fingerprint: windows, slice count and sampling, spacing, crop, image size, MONAI version). Studies
+store one `(S, P, Dv)` entry per row (one tower output per slice) plus the slices' relative z
+under `<key>:z`. Anything changes -> another directory; the old
 ones are reported as stale (with what changed), never read. Rows are keyed by their image
 paths plus file size and mtime, so a replaced image file is a miss too. The cache refuses a
 trainable tower (its features would be stale after one step) and is off when image
@@ -140,9 +143,12 @@ class EncodeCaptionRowsCached:
                     f"feature cache {self.store.path}: run VisionFeatureCache.precompute(dataset) on this dataset "
                     "first (an image file changed since then also counts as new)"
                 )
-            features = self.store.get(key)  # (n_images, P, Dv)
+            features = self.store.get(key)  # (n_images or S slices, P, Dv)
             prompt = batch["prompt"][i] if "prompt" in batch else ""
-            encoded = self.processor.encode_text(prompt or None, batch["caption"][i], features.shape[0])
+            study = getattr(self.processor, "study_preprocessing", None) is not None
+            encoded = self.processor.encode_text(prompt or None, batch["caption"][i], 1 if study else features.shape[0])
+            if study:
+                out.setdefault("slice_z", []).append(self.store.get(f"{key}:z"))
             out["input_ids"].append(encoded["input_ids"])
             out["prompt_length"].append(encoded["prompt_length"])
             out["vision_features"].append(features)
@@ -208,7 +214,11 @@ class VisionFeatureCache:
             "vision_feature_select_strategy": config.vision_feature_select_strategy,
             "image_processor": self.processor.image_processor.to_dict(),
             "decode": self.decode,
+            **({"study": settings.fingerprint()} if (settings := self._study_settings()) is not None else {}),
         }
+
+    def _study_settings(self):
+        return getattr(self.processor, "study_settings", None)
 
     def stale_entries(self) -> list[tuple[Path, list[str]]]:
         """Sibling cache directories written for another fingerprint, with the fields that differ."""
@@ -251,15 +261,23 @@ class VisionFeatureCache:
                 stats["cached"] += len(keys) - len(todo)
                 if not todo:
                     continue
+                settings = self._study_settings()
                 decoded = decode_batch({c: [v[i] for i in todo] for c, v in batch.items()},
-                                       image_root=None, path_map=None, **self.decode)
-                pixels = [self.processor.image_processor(images=ims, return_tensors="pt")["pixel_values"]
-                          for ims in decoded["images"]]
-                features = self.model.get_vision_features(torch.cat(pixels).to(device)).cpu()  # (N, P, Dv)
+                                       image_root=None, path_map=None, study_settings=settings, **self.decode)
+                if settings is not None:  # one study per row: every slice encoded on its own
+                    studies = [self.processor.encode_study(ims) for ims in decoded["images"]]
+                    pixels = [s["pixel_values"] for s in studies]
+                    for i, s in zip(todo, studies):
+                        pending[f"{keys[i]}:z"] = s["slice_z"].clone()
+                else:
+                    pixels = [self.processor.image_processor(images=ims, return_tensors="pt")["pixel_values"]
+                              for ims in decoded["images"]]
+                features = torch.cat([self.model.get_vision_features(chunk.to(device)).cpu()  # (N, P, Dv)
+                                      for chunk in torch.cat(pixels).split(batch_size * 4)])
                 for i, chunk in zip(todo, features.split([p.shape[0] for p in pixels])):
                     pending[keys[i]] = chunk.clone()
                 stats["encoded"] += len(todo)
-                if len(pending) >= self.shard_rows:
+                if len(pending) >= self.shard_rows * (2 if settings is not None else 1):
                     self.store.write_shard(pending)
                     pending = {}
             if pending:

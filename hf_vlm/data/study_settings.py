@@ -192,3 +192,39 @@ class StudyPreprocessing:
         """The settings equivalent to the pre-study loader with `max_slices=1` (a checkpoint
         without study settings): the volume's middle slice, one window, no crop, no resize."""
         return cls(windows=((window_center, window_width),), slice_sampling="middle", crop="none")
+
+
+class StudySettingsMismatchError(ValueError):
+    """An inference flag contradicts the study preprocessing a checkpoint was trained with."""
+
+
+def check_study_flags(settings: StudyPreprocessing | None, requested: dict, checkpoint: str = "the checkpoint") -> None:
+    """`generate` / `serve` flags (None = not given) against the processor's saved settings.
+
+    Why: a model trained on 32 uniform slices in the lung window reads other pixels when run on
+    8 slices or another window, and gets quietly worse; so a contradicting flag is an error
+    naming both values, and omitting the flag uses the checkpoint's value.
+    """
+    given = {k: v for k, v in requested.items() if v is not None}
+    if not given:
+        return
+    if settings is None:
+        raise StudySettingsMismatchError(
+            f"{checkpoint} was trained on 2-D images (its processor has no study settings), so "
+            f"{', '.join('--' + k for k in given)} cannot apply; omit them")
+    problems = []
+    for name, value in given.items():
+        trained = getattr(settings, name)
+        if name == "windows":
+            value = tuple(parse_window(v) for v in ([value] if isinstance(value, str) else value))
+            same = [(w.level, w.width) for w in value] == [(w.level, w.width) for w in trained]
+            shown, trained_shown = [w.name or f"W{w.width:g}/L{w.level:g}" for w in value], [
+                w.name or f"W{w.width:g}/L{w.level:g}" for w in trained]
+        else:
+            same, shown, trained_shown = value == trained, value, trained
+        if not same:
+            problems.append(f"--{name} {shown} differs from the training setting of {checkpoint}: "
+                            f"{name}={trained_shown}")
+    if problems:
+        raise StudySettingsMismatchError("; ".join(problems) + ". A model must run with the preprocessing it was "
+                                         "trained with (omit the flag to use the checkpoint's value).")

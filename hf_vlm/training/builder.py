@@ -43,6 +43,7 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
         "n_eval": synth_args.synthetic_eval_rows,
         "lm_steps": synth_args.synthetic_lm_steps,
         "seed": training_args.seed,
+        **({"studies": True} if synth_args.synthetic_studies else {}),  # 2-D asset markers stay valid
     }
     marker = os.path.join(out_dir, "assets.json")
     with training_args.main_process_first(desc="synthetic assets"):
@@ -99,6 +100,29 @@ def build_processor(model_args):
     return processor
 
 
+def apply_study_settings(processor, data_args, source: str | None = None):
+    """Record the recipe's study settings in the processor (saved with every checkpoint), so that
+    generate, serve, eval and the feature cache load studies exactly as training did.
+
+    A processor that already carries settings (from `init_from`) must agree with the recipe:
+    a difference is an error naming both values, never a silent switch.
+    """
+    wanted = data_args.study_preprocessing()
+    have = processor.study_settings
+    if have is not None and wanted is not None and have != wanted:
+        mine, theirs = wanted.to_dict(), have.to_dict()
+        diff = ", ".join(f"{k}: recipe {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k))
+        raise ValueError(f"the study settings of {source or 'the saved processor'} differ from the recipe's ({diff}); "
+                         "a model must keep the preprocessing it was trained with: set the recipe's study_* keys "
+                         "to the checkpoint's values")
+    if have is not None and wanted is None and not data_args.studies:
+        raise ValueError(f"{source or 'the saved processor'} was trained on studies ({have.num_slices} slices, "
+                         f"{have.slice_sampling}); set studies: true with its study_* settings in the recipe")
+    if wanted is not None:
+        processor.study_settings = wanted
+    return processor
+
+
 # --- model --------------------------------------------------------------------------------------
 def _bridge_kwargs(model_args, processor) -> dict:
     return {
@@ -107,6 +131,9 @@ def _bridge_kwargs(model_args, processor) -> dict:
         "vision_feature_layer": model_args.vision_feature_layer,
         "image_token_id": processor.image_token_id,
         "qformer_init_from": model_args.qformer_init_from,
+        "bridge_pooling": model_args.bridge_pooling,
+        "slice_position_embedding": model_args.slice_position_embedding,
+        "study_depth_tokens": model_args.study_depth_tokens,
     }
 
 
@@ -197,4 +224,5 @@ def build_collator(data_args, processor):
     )
 
 
-__all__ = ["build_collator", "build_datasets", "build_model", "build_processor", "prepare_synthetic_assets"]
+__all__ = ["apply_study_settings", "build_collator", "build_datasets", "build_model", "build_processor",
+           "prepare_synthetic_assets"]

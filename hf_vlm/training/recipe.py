@@ -39,6 +39,11 @@ class SyntheticDataArguments:
     synthetic_lm_steps: int = field(
         default=150, metadata={"help": "'Stage 0' text-only pretraining steps of the tiny Mamba LM."}
     )
+    synthetic_studies: bool = field(
+        default=False,
+        metadata={"help": "Synthetic CT studies (NIfTI volumes, nodule rarely on the middle slice) instead of "
+                          "2-D slices; use with studies: true (recipes/tiny_demo_3d.yaml)."},
+    )
     synthetic_dir: str | None = field(
         default=None,
         metadata={"help": "Where the synthetic assets go (default <output_dir>/assets); reused if present."},

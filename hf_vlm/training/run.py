@@ -121,7 +121,8 @@ def prepare_run(recipe, overrides=None) -> PreparedRun:
     """Arguments, then processor, model, datasets (optionally from cached vision features), collator."""
     from transformers import set_seed
 
-    from .builder import build_collator, build_datasets, build_model, build_processor, prepare_synthetic_assets
+    from .builder import (apply_study_settings, build_collator, build_datasets, build_model, build_processor,
+                          prepare_synthetic_assets)
 
     from ..data.validation import validate_dataset_images
     from .resume import check_output_dir
@@ -130,7 +131,8 @@ def prepare_run(recipe, overrides=None) -> PreparedRun:
     check_output_dir(training_args, synth_args.synthetic_dir if synth_args.synthetic_data else None)
     set_seed(training_args.seed)
     prepare_synthetic_assets(model_args, data_args, synth_args, training_args)
-    processor = build_processor(model_args)
+    processor = apply_study_settings(build_processor(model_args), data_args,
+                                     model_args.processor_name_or_path or model_args.init_from)
     set_seed(training_args.seed)  # the same fresh bridge whether or not assets were just generated
     model = build_model(model_args, processor)
     if model.config.bridge_type == "qformer" and not model.config.qformer_init_from:
@@ -207,7 +209,8 @@ def report_eval_callbacks(run: PreparedRun) -> list:
     if run.eval_dataset is None or data_args.eval_samples <= 0 or args.eval_strategy == "no":
         return []
     # the eval CSV is already loaded with its paths resolved: only swap the transform to decoded rows
-    rows = with_image_transform(run.eval_dataset, max_slices=data_args.max_slices)
+    rows = with_image_transform(run.eval_dataset, max_slices=data_args.max_slices,
+                                study_settings=run.processor.study_settings)
     return [ReportEvalCallback(select_eval_rows(rows, data_args.eval_samples, seed=args.seed), run.processor)]
 
 
