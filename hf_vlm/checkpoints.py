@@ -134,7 +134,6 @@ def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = No
 
     The tower source is `vision_model_name_or_path` if given, else the one recorded at save time.
     """
-    from .loading import disable_cpu_4bit_packing
     from .modeling_mamba_vlm import MambaVLMForConditionalGeneration
 
     if any(name.startswith(_PEFT_PREFIX) for name in weight_names(path)):
@@ -146,14 +145,26 @@ def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = No
     model = MambaVLMForConditionalGeneration.from_pretrained(path, vision_model_name_or_path=vision_model_name_or_path,
                                                              **kwargs)
     if quantization_config is not None:
-        # quantise only the LLM (as `from_components` does): the VLM itself stays a plain model,
-        # so the tower and bridge keep full precision and the Trainer sees LLM-level quantisation only
-        llm = model.language_model
-        model.language_model = type(llm).from_pretrained(  # the LM's own family class (hf_vlm.backbones)
-            None, config=llm.config, state_dict=llm.state_dict(), quantization_config=quantization_config
-        )
-        del llm
-        disable_cpu_4bit_packing(model.language_model)  # keep 4-bit layers on the path that has a backward
+        quantize_language_model(model, quantization_config)
+    return model
+
+
+def quantize_language_model(model, quantization_config, device_map=None):
+    """Replace the VLM's LLM by a bitsandbytes copy quantised from its current (full-precision) weights.
+
+    Only the LLM (as `from_components` does): the VLM itself stays a plain model, so the tower and
+    bridge keep full precision and the Trainer sees LLM-level quantisation only. Used by `init_from`
+    with `llm_8bit` and by inference on a checkpoint whose export de-quantised the LLM.
+    """
+    from .loading import disable_cpu_4bit_packing
+
+    llm = model.language_model
+    kwargs = {"device_map": device_map} if device_map is not None else {}
+    model.language_model = type(llm).from_pretrained(
+        None, config=llm.config, state_dict=llm.state_dict(), quantization_config=quantization_config, **kwargs
+    )
+    del llm
+    disable_cpu_4bit_packing(model.language_model)  # keep 4-bit layers on the path that has a backward
     return model
 
 
@@ -270,6 +281,7 @@ __all__ = [
     "export_plain_model",
     "load_vlm_checkpoint",
     "push_output_dir",
+    "quantize_language_model",
     "read_checkpoint_info",
     "reattach_vision_tower",
     "save_vlm_checkpoint",

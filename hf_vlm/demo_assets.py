@@ -8,6 +8,7 @@ through `from_pretrained`, i.e. the same code path as `state-spaces/mamba-2.8b-h
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -26,6 +27,9 @@ from .tokenization import train_report_tokenizer
 logger = logging.getLogger(__name__)
 
 
+ASSETS_RECORD = "assets.json"
+
+
 @dataclass
 class DemoAssets:
     train_csv: str
@@ -33,6 +37,43 @@ class DemoAssets:
     vision_path: str
     llm_path: str
     processor_path: str
+
+
+def save_assets_record(out_dir: str, settings: dict, assets: DemoAssets) -> str:
+    """Write `assets.json`: the settings and each path *relative to out_dir*, so the folder is reused
+    from any working directory (a cwd-relative path such as `outputs/demo/assets/processor` broke
+    `--synthetic_dir` given from elsewhere: it was then read as a hub repo id)."""
+    root = os.path.abspath(out_dir)
+    paths = {k: os.path.relpath(os.path.abspath(v), root) for k, v in assets.__dict__.items()}
+    marker = os.path.join(root, ASSETS_RECORD)
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump({"settings": settings, "assets": paths}, handle, indent=2)
+    return marker
+
+
+def load_assets_record(out_dir: str) -> tuple[dict, DemoAssets] | None:
+    """`(settings, assets)` from `out_dir/assets.json` with absolute paths, or None (no record, or a path
+    in it is gone: the caller rebuilds). A relative path is read relative to the record's folder; a
+    record of an older hf_vlm (paths relative to the cwd it was written from) is accepted where
+    those paths still resolve."""
+    root = os.path.abspath(out_dir)
+    marker = os.path.join(root, ASSETS_RECORD)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker, encoding="utf-8") as handle:
+        stored = json.load(handle)
+    resolved = {}
+    for key, value in stored.get("assets", {}).items():
+        candidates = [value] if os.path.isabs(value) else [os.path.join(root, value), os.path.abspath(value)]
+        found = next((c for c in candidates if os.path.exists(c)), None)
+        if found is None:
+            logger.warning("%s: %s=%s does not exist: rebuilding the synthetic assets", marker, key, value)
+            return None
+        resolved[key] = os.path.normpath(found)
+    try:
+        return stored.get("settings"), DemoAssets(**resolved)
+    except TypeError:  # a field missing or unknown: an incompatible record
+        return None
 
 
 def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps: int, seed: int = 0) -> float:

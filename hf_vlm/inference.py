@@ -16,6 +16,17 @@ Two generation facts handled here:
   applies that skip list to the *whole* model, quantising the vision tower and the bridge
   too (their fp32 weights then fail with "'Parameter' object has no attribute 'CB'"). The
   loader re-states the config with both kept in full precision.
+- the final checkpoint of `hf-vlm train` with `llm_8bit` / `llm_4bit` is *de-quantised* on export
+  (`checkpoints.export_plain_model`, the fact recorded as `trained_llm_quantization`): its weights
+  are plain fp32. A bitsandbytes config in the model config makes transformers treat the weights
+  as already quantised (`pre_quantized`): it swaps in `Linear8bitLt` layers and loads the fp32
+  tensors into them unconverted, and the first forward fails with the same "no attribute 'CB'".
+  Such a checkpoint is loaded in full precision and its LLM is then quantised from those weights
+  (`checkpoints.quantize_language_model`, as training did). Weights that really are stored
+  quantised (int8 + `SCB`, NF4 + `absmax`) keep the pre-quantised path.
+- a checkpoint trained with a quantised LLM may be run in full precision (`--no-llm_8bit`, e.g. on a
+  bigger GPU): allowed with a logged note (`settings["notes"]`), since the fp32 weights are the
+  de-quantised training weights; the reverse (quantising a full-precision model) stays an error.
 """
 
 from __future__ import annotations
@@ -50,14 +61,20 @@ def check_finite_weights(model, checkpoint: str) -> None:
         )
 
 
-def _uses_8bit(config) -> bool:
+QUANTIZATION_SETTINGS = {"llm_8bit": "8bit", "llm_4bit": "4bit"}  # inference flag -> recorded kind
+
+
+def stored_quantization(config) -> str | None:
+    """"8bit" / "4bit" when the model config carries a bitsandbytes config (weights saved quantised), else None."""
     for holder in (config, getattr(config, "text_config", None)):
         qc = getattr(holder, "quantization_config", None) if holder is not None else None
         if qc is not None:
             qc = qc if isinstance(qc, dict) else qc.to_dict()
             if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-                return True
-    return False
+                return "8bit"
+            if qc.get("load_in_4bit") or qc.get("_load_in_4bit"):
+                return "4bit"
+    return None
 
 
 def read_training_settings(checkpoint: str, config=None, processor=None) -> dict[str, Any]:
@@ -78,24 +95,35 @@ def read_training_settings(checkpoint: str, config=None, processor=None) -> dict
             f"{checkpoint} is inconsistent: config.json has max_visual_tokens={config.max_visual_tokens} but "
             f"processor_config.json has {processor.max_visual_tokens}; save model and processor from the same run"
         )
-    trained_8bit = read_checkpoint_info(checkpoint).get("trained_llm_quantization") == "8bit"
-    return {"max_visual_tokens": int(config.max_visual_tokens), "llm_8bit": _uses_8bit(config) or trained_8bit}
+    kind = stored_quantization(config) or read_checkpoint_info(checkpoint).get("trained_llm_quantization")
+    return {"max_visual_tokens": int(config.max_visual_tokens),
+            **{name: kind == value for name, value in QUANTIZATION_SETTINGS.items()}}
 
 
 def check_settings(trained: dict[str, Any], requested: dict[str, Any], checkpoint: str = "the checkpoint") -> dict:
-    """Merge requested settings (None = use the checkpoint's) and fail on any contradiction."""
-    problems = []
+    """Merge requested settings (None = use the checkpoint's) and fail on any contradiction.
+
+    One contradiction is allowed: running a checkpoint trained with a quantised LLM in full precision
+    (`--no-llm_8bit`); the returned settings then carry a `notes` list saying so.
+    """
+    problems, notes, merged = [], [], dict(trained)
     for name, value in requested.items():
-        if value is None or name not in trained:
+        if value is None or name not in trained or value == trained[name]:
             continue
-        if value != trained[name]:
-            problems.append(f"--{name} {value} differs from the training setting of {checkpoint}: {name}={trained[name]}")
+        if name in QUANTIZATION_SETTINGS and value is False and trained[name]:
+            merged[name] = False
+            label = QUANTIZATION_SETTINGS[name].replace("bit", "-bit")
+            notes.append(f"{checkpoint} was trained with an {label} LLM ({name}=True); running it in full precision "
+                         f"as asked (--no-{name}): reports may differ slightly from the {label} model's")
+            continue
+        problems.append(f"--{name} {value} differs from the training setting of {checkpoint}: {name}={trained[name]}")
     if problems:
         raise SettingsMismatchError(
             "; ".join(problems) + ". A model must run with the settings it was trained with "
             "(omit the flag to use the checkpoint's value)."
         )
-    return dict(trained)
+    merged["notes"] = notes
+    return merged
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -118,42 +146,79 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _quantization_config(kind: str, config):
+    """The LLM family's bitsandbytes config for `kind` ("8bit"/"4bit"), tower and bridge kept in full precision."""
+    from .backbones import get_family
+
+    bits = {"8bit": 8, "4bit": 4}[kind]
+    quant = get_family(config.text_config).quantization_config(bits, torch.float32)
+    quant.llm_int8_skip_modules = list(dict.fromkeys([*(quant.llm_int8_skip_modules or []), *FULL_PRECISION_MODULES]))
+    return quant
+
+
+def _device_map(target: torch.device) -> dict:
+    return {"": target.index if target.type == "cuda" and target.index is not None else str(target)}
+
+
 def load_for_inference(
     checkpoint: str,
     *,
     max_visual_tokens: int | None = None,
     llm_8bit: bool | None = None,
+    llm_4bit: bool | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ):
-    """Return `(model, processor, settings)` for a saved model + processor directory."""
-    from transformers import BitsAndBytesConfig
+    """Return `(model, processor, settings)` for a saved model + processor directory.
 
+    `settings` holds the training settings used (`max_visual_tokens`, `llm_8bit`, `llm_4bit`) and
+    `notes`: what differs from training on request (a quantised-trained LLM run in full precision).
+    """
+    from .checkpoints import export_plain_model, quantize_language_model
     from .configuration_mamba_vlm import MambaVLMConfig
-    from .loading import MAMBA_INT8_SKIP_MODULES
+    from .loading import disable_cpu_4bit_packing
     from .modeling_mamba_vlm import MambaVLMForConditionalGeneration
     from .processing_mamba_vlm import MambaVLMProcessor
 
     config = MambaVLMConfig.from_pretrained(checkpoint)
     processor = MambaVLMProcessor.from_pretrained(checkpoint)
     trained = read_training_settings(checkpoint, config, processor)
-    settings = check_settings(trained, {"max_visual_tokens": max_visual_tokens, "llm_8bit": llm_8bit}, checkpoint)
+    settings = check_settings(trained, {"max_visual_tokens": max_visual_tokens, "llm_8bit": llm_8bit,
+                                        "llm_4bit": llm_4bit}, checkpoint)
+    for note in settings["notes"]:
+        logger.warning("%s", note)
     target = pick_device(device)
+    kind = next((value for name, value in QUANTIZATION_SETTINGS.items() if settings[name]), None)
+    stored = stored_quantization(config)  # weights saved quantised (training form), not de-quantised
     kwargs: dict[str, Any] = {"config": config}
-    if settings["llm_8bit"]:
-        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=MAMBA_INT8_SKIP_MODULES + FULL_PRECISION_MODULES)
+    if stored:
+        # re-state the config so that the tower and the bridge stay in full precision
         config.quantization_config = None
-        config.text_config.quantization_config = quant.to_dict()
-        kwargs["device_map"] = {"": target.index if target.type == "cuda" and target.index is not None else str(target)}
+        config.text_config.quantization_config = _quantization_config(stored, config).to_dict()
+        kwargs["device_map"] = _device_map(target)
+    elif kind:
+        kwargs["dtype"] = torch.float32  # quantised from these weights below; the rest stays fp32
     else:
         kwargs["dtype"] = pick_dtype(dtype, target)
     model = MambaVLMForConditionalGeneration.from_pretrained(checkpoint, **kwargs)
     check_finite_weights(model, checkpoint)
-    if not settings["llm_8bit"]:
-        model.to(target)
+    if stored and not kind:
+        export_plain_model(model)  # int8 / NF4 weights -> fp32 nn.Linear (asked for full precision)
+        for attr in ("is_quantized", "is_loaded_in_8bit", "is_loaded_in_4bit"):  # the VLM-level flags too
+            if hasattr(model, attr):
+                setattr(model, attr, False)
+        model.hf_quantizer = model.quantization_method = None
+        model.config.quantization_config = None
+        model.to(pick_dtype(dtype, target))
+    elif kind and not stored:
+        quantize_language_model(model, _quantization_config(kind, config), device_map=_device_map(target))
+    if kind:
+        disable_cpu_4bit_packing(model.language_model)  # bitsandbytes' CPU repack needs out_features % 32 == 0
+    if not (stored and kind):
+        model.to(target)  # a pre-quantised load is placed by its device_map (transformers refuses .to)
     model.eval()
-    logger.info("Loaded %s on %s (max_visual_tokens=%d, llm_8bit=%s)", checkpoint, target,
-                settings["max_visual_tokens"], settings["llm_8bit"])
+    logger.info("Loaded %s on %s (max_visual_tokens=%d, llm_8bit=%s, llm_4bit=%s)", checkpoint, target,
+                settings["max_visual_tokens"], settings["llm_8bit"], settings["llm_4bit"])
     return model, processor, settings
 
 
@@ -236,5 +301,5 @@ __all__ = [
     "NonFiniteWeightsError", "SettingsMismatchError", "build_generate_kwargs", "check_finite_weights",
     "check_settings", "generate_batch", "generate_reports",
     "load_for_inference",
-    "pick_device", "pick_dtype", "read_training_settings",
+    "pick_device", "pick_dtype", "read_training_settings", "stored_quantization",
 ]

@@ -154,11 +154,41 @@ def test_beams_of_a_multi_image_study_see_its_own_images(tiny):
     assert torch.allclose(prefill[0], expected.repeat_interleave(2, dim=0))
 
 
-def test_8bit_checkpoint_loads_in_8bit_and_refuses_full_precision(tiny_checkpoint, tmp_path, capsys):
+def test_8bit_checkpoint_loads_in_8bit_and_runs_in_full_precision_on_request(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint stored with int8 weights: 8-bit by default; --no-llm_8bit de-quantises it, with a note."""
     checkpoint, assets = tiny_checkpoint(tmp_path, llm_8bit=True)
     image = sorted((tmp_path / "assets" / "data" / "images" / "eval").glob("*.png"))[0]
-    out = tmp_path / "r.csv"
+    out, full = tmp_path / "r.csv", tmp_path / "full.csv"
     assert main(["generate", "--checkpoint", str(checkpoint), "--images", str(image), "--output", str(out), *GEN]) == 0
     assert read_csv(out)[0]["error"] == ""
-    assert main(["generate", "--checkpoint", str(checkpoint), "--images", str(image), "--no-llm_8bit", *GEN]) == 2
-    assert "llm_8bit=True" in capsys.readouterr().err
+    capsys.readouterr()
+    args = ["generate", "--checkpoint", str(checkpoint), "--images", str(image), "--output", str(full), "--no-llm_8bit"]
+    assert main([*args, *GEN]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "trained with an 8-bit LLM" in err and "full precision" in err
+    assert read_csv(full)[0]["error"] == ""
+
+
+def test_8bit_and_lora_checkpoints_trained_by_the_cli_generate(tmp_path, capsys):
+    """Issue 17: `hf-vlm train --llm_8bit true` (and + LoRA) exports a de-quantised fp32 checkpoint; loading
+    it with a bitsandbytes config in the model config made transformers take the fp32 weights as already
+    quantised, and every generate failed with "'Parameter' object has no attribute 'CB'"."""
+    assets = tmp_path / "assets"
+    micro = ["--tiny_preset", "micro", "--max_visual_tokens", "4", "--synthetic_train_rows", "8",
+             "--synthetic_eval_rows", "0", "--synthetic_lm_steps", "2", "--synthetic_dir", str(assets),
+             "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no", "--plot_loss", "false",
+             "--unfreeze_llm_layers", "0", "--llm_8bit", "true"]
+    image = str(sorted((assets / "data" / "images" / "train").glob("*.png"))[0]) if assets.exists() else None
+    for name, extra in (("int8", ["--stage", "align"]), ("qlora", ["--stage", "finetune", "--use_lora", "true"])):
+        out = tmp_path / name
+        assert main(["train", "tiny_demo", *micro, *extra, "--output_dir", str(out)]) == 0
+        image = image or str(sorted((assets / "data" / "images" / "train").glob("*.png"))[0])
+        reports = tmp_path / f"{name}.csv"
+        assert main(["generate", "--checkpoint", str(out), "--images", image, "--output", str(reports), *GEN]) == 0
+        assert read_csv(reports)[0]["error"] == ""
+        from hf_vlm.inference import load_for_inference
+
+        model, _, settings = load_for_inference(str(out), device="cpu")
+        assert settings["llm_8bit"] and type(model.language_model.backbone.layers[0].mixer.in_proj).__name__ == "Linear8bitLt"
+        assert main(["generate", "--checkpoint", str(out), "--images", image, "--no-llm_8bit", *GEN]) == 0
+        assert "trained with an 8-bit LLM" in capsys.readouterr().err

@@ -142,6 +142,26 @@ def test_freeze_guard_catches_frozen_weights_that_change(make_trainer, tmp_path)
         trainer.train()
 
 
+@pytest.mark.parametrize("lora_lr, stuck", [(1e-2, []), (0.0, ["lora_A", "lora_B"])])
+def test_freeze_guard_judges_a_lora_pair_as_a_unit(make_trainer, tmp_path, caplog, lora_lr, stuck):
+    """Issue 17: LoRA's B starts at zero, so with the LR warming up from 0 at step 1, A has had only
+    zero gradients at step 2: the guard warned "lora_A ... did not move" on every LoRA run. The pair
+    moved (B did); a pair where neither moved is still named."""
+    import logging
+
+    trainer = make_trainer(tmp_path, stage="finetune", use_lora=True, lora_r=2, lora_alpha=4,
+                           lora_learning_rate=lora_lr, warmup_steps=1, max_steps=2, guard_action="warn")
+    with caplog.at_level(logging.WARNING, logger="hf_vlm.training.guards"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "did not move" in r.getMessage()]
+    params = dict(trainer.model.named_parameters())
+    assert any("lora_B" in n and bool(p.abs().sum()) for n, p in params.items()) == (lora_lr > 0)  # B moved
+    if not stuck:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and all(part in warned[0] for part in stuck)
+
+
 # (d) ------------------------------------------------------------------------------------------
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_trainer, micro_config, tmp_path):
     torch.manual_seed(0)

@@ -259,3 +259,28 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, micro):
                                         "resume_from_checkpoint": "last"})
     again = train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "output_dir": out, "overwrite_output_dir": True})
     assert again["global_step"] == 2 and not (Path(out) / "checkpoint-4").exists()
+
+
+def test_synthetic_assets_are_reused_from_another_working_directory(tmp_path, micro, monkeypatch):
+    """Issue 17: assets.json stored cwd-relative paths, so `--synthetic_dir` given from another folder
+    failed ("Repo id must be in the form 'repo_name' ...: 'outputs/demo/assets/processor'"). Paths are
+    now recorded relative to assets.json and resolved against it."""
+    from hf_vlm.cli import main
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    flags = _flags({**micro, "synthetic_dir": "outputs/demo/assets", "max_steps": 1, "save_strategy": "no"})
+    monkeypatch.chdir(first)
+    assert main(["train", "tiny_demo", *flags, "--output_dir", "outputs/run1"]) == 0
+    record = json.loads((first / "outputs/demo/assets/assets.json").read_text(encoding="utf-8"))
+    assert all(not os.path.isabs(p) and not p.startswith("outputs") for p in record["assets"].values()), record
+    built = (first / "outputs/demo/assets/mamba_lm/model.safetensors").stat().st_mtime_ns
+    monkeypatch.chdir(second)
+    for synthetic_dir in (str(first / "outputs/demo/assets"), "../first/outputs/demo/assets"):
+        flags = _flags({**micro, "synthetic_dir": synthetic_dir, "max_steps": 1, "save_strategy": "no"})
+        out = second / f"run{len(list(second.iterdir()))}"
+        assert main(["train", "tiny_demo", *flags, "--output_dir", str(out)]) == 0
+        info = json.loads((out / "hf_vlm_checkpoint.json").read_text(encoding="utf-8"))
+        assert info["run_settings"]["language_model_name_or_path"] == str(first / "outputs/demo/assets/mamba_lm")
+    assert (first / "outputs/demo/assets/mamba_lm/model.safetensors").stat().st_mtime_ns == built  # reused

@@ -52,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_repeat_ngram_size", type=int, default=None, help="forbid repeating any n-gram of this size")
     parser.add_argument("--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)")
     parser.add_argument("--llm_8bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="LLM in 8-bit; must match how the checkpoint was trained (default: read from it)")
+                        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
+                             "8-bit-trained checkpoint in full precision (a note is printed)")
+    parser.add_argument("--llm_4bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 …")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -181,13 +184,15 @@ def run(args) -> int:
             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
             top_p=args.top_p, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
             no_repeat_ngram_size=args.no_repeat_ngram_size)
-        model, processor, _settings = load_for_inference(
+        model, processor, settings = load_for_inference(
             args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
-            device=args.device, dtype=args.dtype)
+            llm_4bit=args.llm_4bit, device=args.device, dtype=args.dtype)
         check_study_arguments(args, processor)
     except (SettingsMismatchError, ValueError, OSError) as exc:
         print(f"hf-vlm generate: error: {exc}", file=sys.stderr)
         return 2
+    for note in settings["notes"]:
+        print(f"hf-vlm generate: note: {note}", file=sys.stderr)
     for row in rows:  # record the prompt actually used
         row["prompt"] = row["prompt"] or processor.default_prompt
     single = len(rows) == 1 and base_dir is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 
 from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
@@ -26,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)")
     parser.add_argument("--llm_8bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="LLM in 8-bit; must match how the checkpoint was trained (default: read from it)")
+                        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
+                             "8-bit-trained checkpoint in full precision (a note is printed)")
+    parser.add_argument("--llm_4bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision")
     parser.add_argument("--max_image_pixels", type=int, default=None,
                         help="refuse larger images on every input (default: PIL.Image.MAX_IMAGE_PIXELS, ~89 MP)")
     parser.add_argument("--max_file_size", default="200mb", help="largest upload gradio accepts (e.g. 200mb)")
@@ -125,6 +129,10 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
     return generate
 
 
+def _precision(settings: dict) -> str:
+    return "8-bit" if settings["llm_8bit"] else "4-bit" if settings.get("llm_4bit") else "full precision"
+
+
 def build_app(checkpoint: str, **load_kwargs):
     """The gradio Blocks for `checkpoint` (not launched). `load_kwargs` go to `load_for_inference`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
@@ -134,10 +142,12 @@ def build_app(checkpoint: str, **load_kwargs):
 
     max_image_pixels = load_kwargs.pop("max_image_pixels", None)
     model, processor, settings = load_for_inference(checkpoint, **load_kwargs)
+    for note in settings["notes"]:
+        print(f"hf-vlm serve: note: {note}", file=sys.stderr)
     generate = make_generate_fn(model, processor, max_image_pixels)
     with gr.Blocks(title="hf_vlm report demo", analytics_enabled=False) as app:
         gr.Markdown(f"## CT report generation\nCheckpoint `{os.path.basename(os.path.normpath(checkpoint))}` · "
-                    f"{settings['max_visual_tokens']} visual tokens · LLM {'8-bit' if settings['llm_8bit'] else 'full precision'} "
+                    f"{settings['max_visual_tokens']} visual tokens · LLM {_precision(settings)} "
                     "· research use only, not a medical device.")
         with gr.Row():
             with gr.Column():
@@ -164,8 +174,6 @@ def build_app(checkpoint: str, **load_kwargs):
 
 
 def run(args) -> int:
-    import sys
-
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -175,7 +183,8 @@ def run(args) -> int:
 
     try:
         app = build_app(args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
-                        device=args.device, dtype=args.dtype, max_image_pixels=args.max_image_pixels)
+                        llm_4bit=args.llm_4bit, device=args.device, dtype=args.dtype,
+                        max_image_pixels=args.max_image_pixels)
     except (SettingsMismatchError, OSError, ValueError) as exc:
         print(f"hf-vlm serve: error: {exc}", file=sys.stderr)
         return 2

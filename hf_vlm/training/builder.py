@@ -14,7 +14,6 @@ Checkpoints (record, save, load, tower re-attach, export, push) live in `hf_vlm.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -30,7 +29,7 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
     Runs on the main process first; the others then find the finished assets and reuse them,
     so a 2-process launch never writes the same files twice.
     """
-    from ..demo_assets import DemoAssets, build_demo_assets
+    from ..demo_assets import DemoAssets, build_demo_assets, load_assets_record, save_assets_record
 
     if not synth_args.synthetic_data:
         return
@@ -45,19 +44,15 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
         "seed": training_args.seed,
         **({"studies": True} if synth_args.synthetic_studies else {}),  # 2-D asset markers stay valid
     }
-    marker = os.path.join(out_dir, "assets.json")
     with training_args.main_process_first(desc="synthetic assets"):
-        stored = None
-        if os.path.isfile(marker):
-            with open(marker, encoding="utf-8") as handle:
-                stored = json.load(handle)
-        if stored is not None and stored.get("settings") == settings:
-            assets = DemoAssets(**stored["assets"])
+        stored = load_assets_record(out_dir)
+        if stored is not None and stored[0] == settings:
+            assets = stored[1]
             logger.info("Reusing synthetic assets in %s", out_dir)
         else:
-            assets = build_demo_assets(out_dir, **settings)
-            with open(marker, "w", encoding="utf-8") as handle:
-                json.dump({"settings": settings, "assets": assets.__dict__}, handle, indent=2)
+            built = build_demo_assets(out_dir, **settings)
+            assets = DemoAssets(**{k: os.path.abspath(v) for k, v in built.__dict__.items()})
+            save_assets_record(out_dir, settings, assets)
     data_args.train_file = data_args.train_file or assets.train_csv
     if data_args.eval_file is None and synth_args.synthetic_eval_rows > 0:
         data_args.eval_file = assets.eval_csv

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 
 import torch
@@ -91,9 +92,26 @@ def _same(a, b) -> bool:
     return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
+_LORA_PAIR = re.compile(r"(?<=\.lora_)(embedding_)?([AB])(?=\.|$)")
+
+
+def lora_partner(name: str) -> str | None:
+    """`...lora_A.default.weight` <-> `...lora_B.default.weight` (and `lora_embedding_A/B`), else None."""
+    match = _LORA_PAIR.search(name)
+    if match is None:
+        return None
+    swapped = (match.group(1) or "") + ("B" if match.group(2) == "A" else "A")
+    return name[:match.start()] + swapped + name[match.end():]
+
+
 class FreezeGuard(Guard):
     """Before step 1: the trainable set matches the freeze policy of `args`. After
-    `freeze_check_steps` steps: frozen weights are bit-identical and trainable ones moved."""
+    `freeze_check_steps` steps: frozen weights are bit-identical and trainable ones moved.
+
+    A LoRA adapter is judged as a pair: B starts at zero, so A gets an exactly zero gradient until
+    B has moved (two steps when the LR warms up from 0), and "A did not move" alone is no sign of
+    an unused adapter (docs/architecture.md, PEFT and Mamba). A pair counts as stuck when neither moved.
+    """
 
     name = "FreezeGuard"
 
@@ -152,7 +170,8 @@ class FreezeGuard(Guard):
         ranks_changed, ranks_stuck, ranks_held = gather_names(changed), gather_names(stuck), gather_names(held)
         changed = sorted({n for names in ranks_changed for n in names})
         moved = {n for held_by, stuck_by in zip(ranks_held, ranks_stuck) for n in set(held_by) - set(stuck_by)}
-        stuck = sorted({n for names in ranks_stuck for n in names} - moved)
+        stuck = {n for names in ranks_stuck for n in names} - moved
+        stuck = sorted(n for n in stuck if not (lora_partner(n) in self._trainable and lora_partner(n) not in stuck))
         n_trainable = len(self._trainable)
         self._frozen, self._trainable = {}, {}
         if changed:

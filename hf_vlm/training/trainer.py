@@ -357,5 +357,56 @@ class MambaVLMTrainer(Trainer):
             state_dict = without_frozen_tower(self.model.state_dict() if state_dict is None else state_dict)
         super()._save(output_dir, state_dict)
 
+    # --- loading a checkpoint into a model with a bitsandbytes LLM --------------------------------
+    # The Trainer's resume and load_best_model_at_end call `model.load_state_dict(checkpoint)`, which
+    # bitsandbytes refuses for int8 layers off CUDA ("Loading a quantized checkpoint into non-quantized
+    # Linear8bitLt is not supported"). Quantised layers are frozen (a quantised LLM never trains), so
+    # their tensors are equal in every checkpoint of the run: only the other tensors are loaded.
+    def _quantized_prefixes(self) -> tuple[str, ...]:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            return ()
+        kinds = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+        return tuple(f"{name}." for name, module in self.model.named_modules() if isinstance(module, kinds))
+
+    def _load_unquantized(self, checkpoint: str, prefixes: tuple[str, ...]) -> None:
+        from safetensors.torch import load_file
+
+        from ..checkpoints import weight_names
+
+        index = os.path.join(checkpoint, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            import json
+
+            with open(index, encoding="utf-8") as handle:
+                files = sorted(set(json.load(handle)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        if not weight_names(checkpoint):
+            raise FileNotFoundError(f"{checkpoint}: no model.safetensors to load")
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(checkpoint, name), device="cpu"))
+        kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+        result = self.model.load_state_dict(kept, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{checkpoint} does not fit the model: unexpected {result.unexpected_keys[:5]}")
+        logger.info("Loaded %d tensors from %s (%d of its bitsandbytes-quantised, frozen tensors kept as loaded)",
+                    len(kept), checkpoint, len(state) - len(kept))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        prefixes = self._quantized_prefixes()
+        if not prefixes or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return self._load_unquantized(resume_from_checkpoint, prefixes)
+
+    def _load_best_model(self) -> None:
+        prefixes = self._quantized_prefixes()
+        if not prefixes or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        logger.info("Loading best model from %s (score: %s)", self.state.best_model_checkpoint, self.state.best_metric)
+        return self._load_unquantized(self.state.best_model_checkpoint, prefixes)
+
 
 __all__ = ["MambaVLMTrainer"]
