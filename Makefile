@@ -38,6 +38,7 @@ test-lowest: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

@@ -22,12 +22,24 @@ def build_tiny_vlm(hidden: int, layers: int, rng: random.Random):
     reports = [write_report(draw_facts(rng), rng) for _ in range(300)]
     tokenizer = train_report_tokenizer(reports + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600)
     vision = tiny_vision_config("tiny")
-    processor = MambaVLMProcessor(ViTImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size}),
-                                  tokenizer, max_visual_tokens=16)
-    text = MambaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, state_size=16,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.pad_token_id)
+    processor = MambaVLMProcessor(
+        ViTImageProcessorPil(size={"height": vision.image_size, "width": vision.image_size}),
+        tokenizer,
+        max_visual_tokens=16,
+    )
+    text = MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        state_size=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(MambaVLMConfig(
-        vision_config=vision, text_config=text, max_visual_tokens=16, image_token_id=processor.image_token_id))
+    model = MambaVLMForConditionalGeneration(
+        MambaVLMConfig(
+            vision_config=vision, text_config=text, max_visual_tokens=16, image_token_id=processor.image_token_id
+        )
+    )
     return model, processor, reports

@@ -21,7 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_vlm.data.cleaning import CleaningConfig, clean_captions  # noqa: E402
 
-LOBES = ["右肺上叶尖段", "右肺上叶后段", "右肺中叶外侧段", "右肺下叶背段", "左肺上叶尖后段", "左肺上叶舌段", "左肺下叶前内基底段"]
+LOBES = [
+    "右肺上叶尖段",
+    "右肺上叶后段",
+    "右肺中叶外侧段",
+    "右肺下叶背段",
+    "左肺上叶尖后段",
+    "左肺上叶舌段",
+    "左肺下叶前内基底段",
+]
 FINDINGS = ["磨玻璃结节", "实性结节", "部分实性结节", "钙化灶", "斑片影", "索条影", "肺大疱"]
 EDGES = ["边界清晰", "边缘见毛刺", "可见分叶", "邻近胸膜牵拉", "其内见空泡"]
 EXTRA = ["纵隔内未见肿大淋巴结。", "双侧胸腔未见积液。", "心影大小正常。", "气管及主支气管通畅。", "建议随访复查。"]
@@ -29,8 +37,11 @@ NORMALS = ["双肺未见明显异常。", "双肺未见异常，纵隔未见肿�
 
 
 def report(rng: random.Random) -> str:
-    parts = [f"{rng.choice(LOBES)}见一{rng.choice(FINDINGS)}，大小约{rng.randint(2, 30)}mm×{rng.randint(2, 30)}mm，"
-             f"{rng.choice(EDGES)}。" for _ in range(rng.randint(1, 3))]
+    parts = [
+        f"{rng.choice(LOBES)}见一{rng.choice(FINDINGS)}，大小约{rng.randint(2, 30)}mm×{rng.randint(2, 30)}mm，"
+        f"{rng.choice(EDGES)}。"
+        for _ in range(rng.randint(1, 3))
+    ]
     return "".join(parts) + "".join(rng.sample(EXTRA, rng.randint(0, 3)))
 
 
@@ -90,8 +101,10 @@ def main(argv=None) -> int:
         print("\n| num_proc | rows | kept | rejected | seconds | rows/s | speed-up |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for n, r in results:
-            print(f"| {n} | {r.rows_in} | {r.kept} | {r.rejected} | {r.seconds:.1f} | {r.rows_in / r.seconds:,.0f} "
-                  f"| {base / r.seconds:.2f}x |")
+            print(
+                f"| {n} | {r.rows_in} | {r.kept} | {r.rejected} | {r.seconds:.1f} | {r.rows_in / r.seconds:,.0f} "
+                f"| {base / r.seconds:.2f}x |"
+            )
         print(f"\nrows in == kept + rejected: yes; identical outputs across num_proc: {'yes' if same else 'NO'}")
         print(results[0][1].table())
         return 0 if same else 1

@@ -43,15 +43,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("best", "floor", "reference")
 # family -> example_config overrides: realistic state / heads / chunk per family
 BENCH_SETTINGS = {
-    "mamba": dict(state_size=16), "falcon_mamba": dict(state_size=16), "jamba": dict(state_size=16),
-    "mamba2": dict(groups=8), "nemotron_h": dict(groups=8, chunk_size=128),
-    "falcon_h1": {}, "granitemoehybrid": {}, "bamba": {}, "zamba2": {},
+    "mamba": dict(state_size=16),
+    "falcon_mamba": dict(state_size=16),
+    "jamba": dict(state_size=16),
+    "mamba2": dict(groups=8),
+    "nemotron_h": dict(groups=8, chunk_size=128),
+    "falcon_h1": {},
+    "granitemoehybrid": {},
+    "bamba": {},
+    "zamba2": {},
 }
 M2_DEFAULTS = dict(state_size=128, head_dim=64, chunk_size=256)
 
 
-def _floor_ssd(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_softplus=False,
-               dt_limit=(0.0, float("inf")), return_final_states=False, **kwargs):
+def _floor_ssd(
+    hidden_states,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    dt_bias=None,
+    initial_states=None,
+    dt_softplus=False,
+    dt_limit=(0.0, float("inf")),
+    return_final_states=False,
+    **kwargs,
+):
     """Scan-free stand-in for `mamba2_chunk_scan`: y = x * (D + softplus(dt) * A * sum_n(B * C))."""
     import torch.nn.functional as F
 
@@ -148,17 +167,41 @@ def worker(args) -> dict:
             peak, first_loss = mem.delta_mb, loss
     usage = backend_usage()
     scan_calls = usage.get("hf_vlm_chunked", 0) if family.scan == SCAN_MAMBA1 else calls["ssd"]
-    return {"wall": min(times), "cpu": min(cpus), "peak_mb": peak, "loss": first_loss, "scan_calls": scan_calls // reps,
-            "usage": usage, "ssm_layers": dims.ssm_layers, "attention_layers": dims.attention_layers,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "ssd_tensor_mb": ssd_chunk_tensor_bytes(dims, args.length) / 2**20 if dims.chunk else None,
-            "peak_method": "VmHWM" if mem.kernel else "sampled"}
+    return {
+        "wall": min(times),
+        "cpu": min(cpus),
+        "peak_mb": peak,
+        "loss": first_loss,
+        "scan_calls": scan_calls // reps,
+        "usage": usage,
+        "ssm_layers": dims.ssm_layers,
+        "attention_layers": dims.attention_layers,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "ssd_tensor_mb": ssd_chunk_tensor_bytes(dims, args.length) / 2**20 if dims.chunk else None,
+        "peak_method": "VmHWM" if mem.kernel else "sampled",
+    }
 
 
 def run_one(args, family: str, backend: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--family", family, "--backend", backend,
-           "--width", str(args.width), "--length", str(args.length), "--reps", str(args.reps),
-           "--vocab", str(args.vocab), "--threads", str(args.threads or 0)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--family",
+        family,
+        "--backend",
+        backend,
+        "--width",
+        str(args.width),
+        "--length",
+        str(args.length),
+        "--reps",
+        str(args.reps),
+        "--vocab",
+        str(args.vocab),
+        "--threads",
+        str(args.threads or 0),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
@@ -178,12 +221,15 @@ def report(args, results: dict) -> str:
     from hf_vlm.backbones import get_family
 
     k = args.metric
-    out = [f"L={args.length}, d_model={args.width}, 4 layers, batch 1, fp32, {args.threads or 'default'} thread(s); "
-           f"fwd+bwd time in s (wall / CPU), ratios on {'CPU' if k == 'cpu' else 'wall'} time; peak = peak RSS "
-           "increase in MB.", "",
-           "| family | scan | layers (SSM+attn) | params | backend | fwd+bwd s | peak MB | × floor time | "
-           "× floor mem | scan calls | SSD T×T tensor MB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"L={args.length}, d_model={args.width}, 4 layers, batch 1, fp32, {args.threads or 'default'} thread(s); "
+        f"fwd+bwd time in s (wall / CPU), ratios on {'CPU' if k == 'cpu' else 'wall'} time; peak = peak RSS "
+        "increase in MB.",
+        "",
+        "| family | scan | layers (SSM+attn) | params | backend | fwd+bwd s | peak MB | × floor time | "
+        "× floor mem | scan calls | SSD T×T tensor MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for family, by in results.items():
         fl = by["floor"]
         for backend, r in by.items():
@@ -193,10 +239,12 @@ def report(args, results: dict) -> str:
                 continue
             tx, mx = _ratio(r, fl, k), _ratio(r, fl, "peak_mb")
             ssd = "-" if r["ssd_tensor_mb"] is None else f"{r['ssd_tensor_mb']:.1f}"
-            out.append(f"| {family} | {get_family(family).scan} | {r['ssm_layers']}+{r['attention_layers']} | "
-                       f"{r['params_m']:.1f}M | {backend} | {r['wall']:.2f} / {r['cpu']:.2f} | {r['peak_mb']:.0f} | "
-                       f"{'-' if tx is None else f'{tx:.2f}×'} | {'-' if mx is None else f'{mx:.2f}×'} | "
-                       f"{r['scan_calls']} | {ssd} |")
+            out.append(
+                f"| {family} | {get_family(family).scan} | {r['ssm_layers']}+{r['attention_layers']} | "
+                f"{r['params_m']:.1f}M | {backend} | {r['wall']:.2f} / {r['cpu']:.2f} | {r['peak_mb']:.0f} | "
+                f"{'-' if tx is None else f'{tx:.2f}×'} | {'-' if mx is None else f'{mx:.2f}×'} | "
+                f"{r['scan_calls']} | {ssd} |"
+            )
     return "\n".join(out)
 
 
@@ -217,8 +265,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--family", help=argparse.SUPPRESS)
-    p.add_argument("--ssd-chunks", type=int, nargs="*", default=[],
-                   help="also run the Mamba-2 families' SSD path with these chunk sizes (e.g. 64 128)")
+    p.add_argument(
+        "--ssd-chunks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the Mamba-2 families' SSD path with these chunk sizes (e.g. 64 128)",
+    )
     p.add_argument("--backend", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -47,21 +47,35 @@ IMAGE_SIZE = 224
 def build(root: str, rows: int):
     """Synthetic 224-px CT rows, a ViT-384x6 tower and the tiny Mamba LLM, both frozen."""
     rng = random.Random(0)
-    tokenizer = train_report_tokenizer([write_report(draw_facts(rng), rng) for _ in range(300)]
-                                       + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600)
-    processor = MambaVLMProcessor(ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-                                  tokenizer, max_visual_tokens=16)
-    vision = ViTConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
-                       image_size=IMAGE_SIZE, patch_size=16)
-    config = MambaVLMConfig(vision_config=vision, max_visual_tokens=16, image_token_id=processor.image_token_id,
-                            text_config=tiny_text_config(len(tokenizer), "tiny", pad_token_id=tokenizer.pad_token_id))
+    tokenizer = train_report_tokenizer(
+        [write_report(draw_facts(rng), rng) for _ in range(300)] + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600
+    )
+    processor = MambaVLMProcessor(
+        ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer, max_visual_tokens=16
+    )
+    vision = ViTConfig(
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=IMAGE_SIZE,
+        patch_size=16,
+    )
+    config = MambaVLMConfig(
+        vision_config=vision,
+        max_visual_tokens=16,
+        image_token_id=processor.image_token_id,
+        text_config=tiny_text_config(len(tokenizer), "tiny", pad_token_id=tokenizer.pad_token_id),
+    )
     torch.manual_seed(0)
     model = MambaVLMForConditionalGeneration(config)
     model.vision_tower.requires_grad_(False)
     model.language_model.requires_grad_(False)
     dataset = load_caption_dataset(make_synthetic_dataset(os.path.join(root, "data"), rows, image_size=IMAGE_SIZE))
-    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6
-              for name in ("vision_tower", "bridge", "language_model")}
+    counts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters()) / 1e6
+        for name in ("vision_tower", "bridge", "language_model")
+    }
     print("parameters (M): " + ", ".join(f"{k} {v:.2f}" for k, v in counts.items()))
     return model, processor, dataset
 
@@ -114,8 +128,10 @@ def main() -> int:
             optimizer = torch.optim.AdamW(model.bridge.parameters(), lr=1e-4)
             results[mode] = [run_epoch(model, loader, optimizer) for _ in range(args.epochs)]
 
-    print(f"\n{args.rows} rows, batch {args.batch_size}, {args.threads} thread(s), ViT-384x6 @ {IMAGE_SIZE}px "
-          "+ Mamba 128x2, bridge trained\n")
+    print(
+        f"\n{args.rows} rows, batch {args.batch_size}, {args.threads} thread(s), ViT-384x6 @ {IMAGE_SIZE}px "
+        "+ Mamba 128x2, bridge trained\n"
+    )
     print("| mode | epoch | wall s | CPU s | mean loss |\n|---|---:|---:|---:|---:|")
     for mode in ("uncached", "precompute", "cached"):
         for i, (wall, cpu, loss) in enumerate(results[mode], 1):
@@ -124,8 +140,10 @@ def main() -> int:
     best = {m: (min(r[0] for r in results[m]), min(r[1] for r in results[m])) for m in ("uncached", "cached")}
     wall_ratio, cpu_ratio = (best["uncached"][i] / best["cached"][i] for i in (0, 1))
     loss_gap = abs(results["uncached"][0][2] - results["cached"][0][2])
-    print(f"\nspeed-up (best epoch, uncached / cached): CPU time {cpu_ratio:.1f}x, wall time {wall_ratio:.1f}x; "
-          f"first-epoch loss gap {loss_gap:.2e}")
+    print(
+        f"\nspeed-up (best epoch, uncached / cached): CPU time {cpu_ratio:.1f}x, wall time {wall_ratio:.1f}x; "
+        f"first-epoch loss gap {loss_gap:.2e}"
+    )
     verdict = cpu_ratio >= args.target and loss_gap < 1e-3
     print(f"{'PASS' if verdict else 'FAIL'}: target >= {args.target:.1f}x (CPU time), equal first-epoch loss")
     return 0 if verdict else 1

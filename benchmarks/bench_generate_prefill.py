@@ -41,17 +41,35 @@ def build_checkpoint(path: str) -> tuple[str, object]:
     rng = random.Random(0)
     reports = [write_report(draw_facts(rng), rng) for _ in range(300)]
     tokenizer = train_report_tokenizer(reports + [DEFAULT_PROMPT + "\n"] * 20, vocab_size=600)
-    vision = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                       image_size=160, patch_size=16)  # 100 patches -> 96 visual tokens
-    processor = MambaVLMProcessor(ViTImageProcessorPil(size={"height": 160, "width": 160}), tokenizer,
-                                  max_visual_tokens=VISUAL_TOKENS)
-    text = MambaConfig(vocab_size=len(tokenizer), hidden_size=768, num_hidden_layers=4, state_size=16,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.pad_token_id)
+    vision = ViTConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=160,
+        patch_size=16,
+    )  # 100 patches -> 96 visual tokens
+    processor = MambaVLMProcessor(
+        ViTImageProcessorPil(size={"height": 160, "width": 160}), tokenizer, max_visual_tokens=VISUAL_TOKENS
+    )
+    text = MambaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        num_hidden_layers=4,
+        state_size=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
-    model = MambaVLMForConditionalGeneration(MambaVLMConfig(
-        vision_config=vision, text_config=text, max_visual_tokens=VISUAL_TOKENS,
-        image_token_id=processor.image_token_id))
+    model = MambaVLMForConditionalGeneration(
+        MambaVLMConfig(
+            vision_config=vision,
+            text_config=text,
+            max_visual_tokens=VISUAL_TOKENS,
+            image_token_id=processor.image_token_id,
+        )
+    )
     model.save_pretrained(path)
     processor.save_pretrained(path)
     # a prompt of about PROMPT_TOKENS tokens: report text the tokenizer knows
@@ -85,8 +103,10 @@ def main() -> int:
             runs = [timed(model, processor, image, prompt) for _ in range(args.reps)]
             used = backend_usage()
             results[label] = (min(r[0] for r in runs), min(r[1] for r in runs), [r[0] for r in runs], used)
-    print(f"\n`hf-vlm generate` prefill: Mamba 768x4 + ViT-160/16, {length} tokens "
-          f"({VISUAL_TOKENS} visual + prompt), batch 1, 1 new token, {args.threads} thread(s), best of {args.reps}\n")
+    print(
+        f"\n`hf-vlm generate` prefill: Mamba 768x4 + ViT-160/16, {length} tokens "
+        f"({VISUAL_TOKENS} visual + prompt), batch 1, 1 new token, {args.threads} thread(s), best of {args.reps}\n"
+    )
     print("| scan | backend calls | wall s (runs) | CPU s |")
     print("|---|---|---:|---:|")
     for label, (wall, cpu, walls, used) in results.items():

@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from _tiny_vlm import build_tiny_vlm  # noqa: E402
 
 from hf_vlm.synthetic import draw_facts, render_slice  # noqa: E402
-from _tiny_vlm import build_tiny_vlm  # noqa: E402
 
 
 def build(hidden: int, layers: int):
@@ -44,9 +44,15 @@ def build(hidden: int, layers: int):
 def timed_generate(model, inputs, new_tokens: int, use_cache: bool, pad_id: int):
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             use_cache=use_cache, pad_token_id=pad_id)
-    return time.perf_counter() - wall, time.process_time() - cpu, out[0, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=pad_id,
+        )
+    return time.perf_counter() - wall, time.process_time() - cpu, out[0, inputs["input_ids"].shape[1] :]
 
 
 def main() -> int:
@@ -80,8 +86,10 @@ def main() -> int:
             tokens[(use_cache, n)] = runs[0][2]
             rows.append((use_cache, n, wall, cpu, [r[0] for r in runs]))
 
-    print(f"\nMamba {args.hidden}x{args.layers} + ViT-64x2 (16 visual tokens), prompt {prompt_len} tokens, batch 1, "
-          f"greedy, {args.threads} thread(s), best of {args.reps}\n")
+    print(
+        f"\nMamba {args.hidden}x{args.layers} + ViT-64x2 (16 visual tokens), prompt {prompt_len} tokens, batch 1, "
+        f"greedy, {args.threads} thread(s), best of {args.reps}\n"
+    )
     print("| cache | new tokens | wall s (runs) | CPU s | tokens/s (CPU) | ms/token (CPU) | marginal ms/token (CPU) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     previous = {}
@@ -92,8 +100,10 @@ def main() -> int:
             marginal = f"{1000 * (cpu - cpu0) / (n - n0):.2f}"
         previous[use_cache] = (n, cpu)
         runs = ", ".join(f"{w:.2f}" for w in walls)
-        print(f"| {'yes' if use_cache else 'no'} | {n} | {wall:.2f} ({runs}) | {cpu:.2f} | {n / cpu:.0f} | "
-              f"{1000 * cpu / n:.2f} | {marginal} |")
+        print(
+            f"| {'yes' if use_cache else 'no'} | {n} | {wall:.2f} ({runs}) | {cpu:.2f} | {n / cpu:.0f} | "
+            f"{1000 * cpu / n:.2f} | {marginal} |"
+        )
     by_mode = {c: {n: cpu for uc, n, _, cpu, _ in rows if uc == c} for c in (True, False)}
     for c, label in ((True, "with cache"), (False, "without cache")):
         lengths = sorted(by_mode[c])

@@ -44,6 +44,8 @@ if "--interpret" in sys.argv:  # triton reads it when a kernel is decorated: bef
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import contextlib
+
 import torch  # noqa: E402
 import transformers.models.mamba.modeling_mamba as mm  # noqa: E402
 from transformers import CLIPVisionConfig, MambaConfig, MambaForCausalLM  # noqa: E402
@@ -71,8 +73,13 @@ STAGE2_LIMIT_GB = 12.0
 
 def mamba_config(name: str, smoke: bool, **kw) -> MambaConfig:
     d_model, layers = (SMOKE_MODELS if smoke else MODELS)[name]
-    return MambaConfig(hidden_size=d_model, num_hidden_layers=layers, vocab_size=256 if smoke else VOCAB,
-                       state_size=4 if smoke else 16, **kw)
+    return MambaConfig(
+        hidden_size=d_model,
+        num_hidden_layers=layers,
+        vocab_size=256 if smoke else VOCAB,
+        state_size=4 if smoke else 16,
+        **kw,
+    )
 
 
 def sync(device):
@@ -145,13 +152,20 @@ def mixer_inputs(cfg: MambaConfig, batch: int, length: int, device, dtype, seed:
 
     xz = rnd(batch, 2 * d, length)
     bcdt = rnd(batch, length, r + 2 * n)
-    dt_init = torch.exp(torch.rand(d, generator=g) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
-                        + torch.log(torch.tensor(1e-3)))
-    return {"u": xz[:, :d].contiguous(), "delta": rnd(batch, d, length, scale=0.1),
-            "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1).to(device),
-            "B": bcdt[..., r:r + n].transpose(1, 2), "C": bcdt[..., r + n:].transpose(1, 2),
-            "D": torch.ones(d, device=device), "z": xz[:, d:],
-            "delta_bias": (dt_init + torch.log(-torch.expm1(-dt_init))).to(device)}
+    dt_init = torch.exp(
+        torch.rand(d, generator=g) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3)))
+        + torch.log(torch.tensor(1e-3))
+    )
+    return {
+        "u": xz[:, :d].contiguous(),
+        "delta": rnd(batch, d, length, scale=0.1),
+        "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1).to(device),
+        "B": bcdt[..., r : r + n].transpose(1, 2),
+        "C": bcdt[..., r + n :].transpose(1, 2),
+        "D": torch.ones(d, device=device),
+        "z": xz[:, d:],
+        "delta_bias": (dt_init + torch.log(-torch.expm1(-dt_init))).to(device),
+    }
 
 
 def scan_step(fn, ins: dict, last_grad: bool = True):
@@ -159,8 +173,18 @@ def scan_step(fn, ins: dict, last_grad: bool = True):
     never backpropagates into the final state (and mamba-ssm's backward ignores its gradient):
     `last_grad=False` for timings and for comparisons with mamba-ssm."""
     leaves = {k: v.detach().requires_grad_() for k, v in ins.items()}
-    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
-                   z=leaves["z"], delta_bias=leaves["delta_bias"], delta_softplus=True, return_last_state=True)
+    out, last = fn(
+        leaves["u"],
+        leaves["delta"],
+        leaves["A"],
+        leaves["B"],
+        leaves["C"],
+        D=leaves["D"],
+        z=leaves["z"],
+        delta_bias=leaves["delta_bias"],
+        delta_softplus=True,
+        return_last_state=True,
+    )
     g = torch.Generator(device="cpu").manual_seed(1)
     g_out = torch.randn(out.shape, generator=g).to(out)
     g_last = torch.randn(last.shape, generator=g).to(last)
@@ -179,7 +203,7 @@ def correctness(args, device, rungs) -> list[str]:
         return [f"Triton scan not checked: {triton_fn}"]
     lines = []
     small = MambaConfig(hidden_size=8 if args.smoke else 128, state_size=4 if args.smoke else 16)
-    for length, scale in (((37, 1.0), (100, 4.0)) if args.smoke else ((333, 1.0), (4096, 4.0))):
+    for length, scale in ((37, 1.0), (100, 4.0)) if args.smoke else ((333, 1.0), (4096, 4.0)):
         ins = mixer_inputs(small, 2, length, device, torch.float32, seed=length)
         ins["delta"] = ins["delta"] * 10 * scale  # large dt*A (up to ~-16 * scale per step)
         got = scan_step(triton_fn, ins)
@@ -188,9 +212,11 @@ def correctness(args, device, rungs) -> list[str]:
         errs.update({f"d{k}": rel_err(got[2][k], ref[2][k]) for k in got[2]})
         worst = max(errs.values())
         finite = all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2].values()))
-        lines.append(f"fp32 vs sequential reference, d_inner {small.intermediate_size}, L={length}: worst "
-                     f"relative error {worst:.1e} ({max(errs, key=errs.get)}) -> "
-                     f"{'PASS' if worst < 1e-3 and finite else 'FAIL'} (< 1e-3, finite)")
+        lines.append(
+            f"fp32 vs sequential reference, d_inner {small.intermediate_size}, L={length}: worst "
+            f"relative error {worst:.1e} ({max(errs, key=errs.get)}) -> "
+            f"{'PASS' if worst < 1e-3 and finite else 'FAIL'} (< 1e-3, finite)"
+        )
     cfg = mamba_config("tiny" if args.smoke else TARGET_MODEL, args.smoke)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     ins = mixer_inputs(cfg, args.batch, SMOKE_LENGTHS[0] if args.smoke else LENGTHS[0], device, dtype)
@@ -199,9 +225,11 @@ def correctness(args, device, rungs) -> list[str]:
         if not isinstance(rungs[name], str):
             got = scan_step(rungs[name], ins, last_grad=False)
             errs = [rel_err(got[0], ref[0]), rel_err(got[1], ref[1])] + [rel_err(got[2][k], ref[2][k]) for k in got[2]]
-            lines.append(f"{name} vs hf_vlm_chunked, {dtype} at {'tiny' if args.smoke else TARGET_MODEL} shapes: "
-                         f"worst relative error {max(errs):.1e} over output, state and 8 gradients "
-                         f"-> {'PASS' if max(errs) < 5e-2 else 'FAIL'} (< 5e-2)")
+            lines.append(
+                f"{name} vs hf_vlm_chunked, {dtype} at {'tiny' if args.smoke else TARGET_MODEL} shapes: "
+                f"worst relative error {max(errs):.1e} over output, state and 8 gradients "
+                f"-> {'PASS' if max(errs) < 5e-2 else 'FAIL'} (< 5e-2)"
+            )
     return lines
 
 
@@ -209,11 +237,11 @@ def bench_scan_and_layer(args, device, rungs) -> dict:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     results = {}
     install_fast_scan()
-    for model in (SMOKE_MODELS if args.smoke else MODELS):
+    for model in SMOKE_MODELS if args.smoke else MODELS:
         cfg = mamba_config(model, args.smoke)
         torch.manual_seed(0)
         mixer = mm.MambaMixer(cfg, layer_idx=0).to(device=device, dtype=dtype).train()
-        for length in (SMOKE_LENGTHS if args.smoke else LENGTHS):
+        for length in SMOKE_LENGTHS if args.smoke else LENGTHS:
             ins = mixer_inputs(cfg, args.batch, length, device, dtype)
             hidden = torch.randn(args.batch, length, cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
             for rung in RUNGS:
@@ -222,8 +250,14 @@ def bench_scan_and_layer(args, device, rungs) -> dict:
                 if isinstance(fn, str):
                     results[model, length, rung] = {"scan": {"error": fn}, "layer": {"error": fn}}
                     continue
-                scan = guarded(lambda fn=fn, ins=ins, reps=reps: measure(lambda: scan_step(fn, ins, last_grad=False), device, reps))
-                layer = guarded(lambda mixer=mixer, hidden=hidden, rung=rung, reps=reps: forced_layer(mixer, hidden, rung, device, reps))
+                scan = guarded(
+                    lambda fn=fn, ins=ins, reps=reps: measure(lambda: scan_step(fn, ins, last_grad=False), device, reps)
+                )
+                layer = guarded(
+                    lambda mixer=mixer, hidden=hidden, rung=rung, reps=reps: forced_layer(
+                        mixer, hidden, rung, device, reps
+                    )
+                )
                 results[model, length, rung] = {"scan": scan, "layer": layer}
             del ins, hidden
         del mixer
@@ -263,8 +297,13 @@ def build_lm(cfg, device, dtype):
 
 def bench_generation(args, device, rungs, lm) -> dict:
     new = 8 if args.smoke else 64
-    prompt = torch.randint(0, lm.config.vocab_size, (1, 16 if args.smoke else 128), device=device,
-                           generator=torch.Generator(device=device).manual_seed(2))
+    prompt = torch.randint(
+        0,
+        lm.config.vocab_size,
+        (1, 16 if args.smoke else 128),
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(2),
+    )
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
     results = {}
     install_fast_scan()
@@ -307,32 +346,61 @@ def bench_stage2(args, device, rungs, lm) -> dict:
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=28, patch_size=14)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
         visual, text = 4, 20
     else:  # ViT-L/14 at 224 px (openai/clip-vit-large-patch14)
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=768,
+        )
         visual, text = VISUAL, TEXT
-    config = MambaVLMConfig(vision_config=vision, text_config=lm.config, max_visual_tokens=visual,
-                            image_token_id=lm.config.vocab_size - 3)
+    config = MambaVLMConfig(
+        vision_config=vision, text_config=lm.config, max_visual_tokens=visual, image_token_id=lm.config.vocab_size - 3
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             from transformers import CLIPVisionModel
 
-            model = MambaVLMForConditionalGeneration(config, vision_tower=CLIPVisionModel(vision),
-                                                     language_model=lm.train())
+            model = MambaVLMForConditionalGeneration(
+                config, vision_tower=CLIPVisionModel(vision), language_model=lm.train()
+            )
     finally:
         torch.set_default_dtype(old)
-    policy = SimpleNamespace(stage="finetune", use_lora=True, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                             lora_target_modules=["in_proj"], unfreeze_llm_layers=0, unfreeze_vision_tower=False)
+    policy = SimpleNamespace(
+        stage="finetune",
+        use_lora=True,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        lora_target_modules=["in_proj"],
+        unfreeze_llm_layers=0,
+        unfreeze_vision_tower=False,
+    )
     model = apply_freeze_policy(model, policy).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-5)
     g = torch.Generator(device="cpu").manual_seed(3)
-    ids = torch.cat([torch.full((1, visual), config.image_token_id), torch.randint(0, min(1000, config.image_token_id), (1, text), generator=g)], 1)
+    ids = torch.cat(
+        [
+            torch.full((1, visual), config.image_token_id),
+            torch.randint(0, min(1000, config.image_token_id), (1, text), generator=g),
+        ],
+        1,
+    )
     labels = ids.masked_fill(ids == config.image_token_id, -100)
     pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=g)
     ids, labels, pixels = ids.to(device), labels.to(device), pixels.to(device=device, dtype=dtype)
@@ -380,10 +448,8 @@ def _versions() -> str:
 
     parts = [f"torch {torch.__version__}"]
     for name in ("transformers", "triton", "triton-windows", "mamba-ssm", "causal-conv1d"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             parts.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            pass
     return ", ".join(parts)
 
 
@@ -395,51 +461,91 @@ def _ratio(num, den):
 
 def report(args, device, rungs, checks, scans, gen, stage2) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke mode: not speed numbers)"
-    out = [f"Device: {gpu}; {_versions()}; batch {args.batch}, "
-           f"{'fp32' if args.smoke else 'bf16'}, delta_softplus, D and z as MambaMixer passes them.", ""]
+    out = [
+        f"Device: {gpu}; {_versions()}; batch {args.batch}, "
+        f"{'fp32' if args.smoke else 'bf16'}, delta_softplus, D and z as MambaMixer passes them.",
+        "",
+    ]
     out += ["Rungs: " + "; ".join(f"{r}: {'present' if not isinstance(f, str) else f}" for r, f in rungs.items()), ""]
     out += ["## Correctness on this device", ""] + [f"- {line}" for line in checks] + [""]
-    out += ["## Scan and layer fwd+bwd (median ms; peak MB above the inputs; first = warm-up call incl. "
-            "compile/autotune, s)", "",
-            "| model | L | rung | scan ms | scan peak MB | first s | layer ms | layer peak MB |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "## Scan and layer fwd+bwd (median ms; peak MB above the inputs; first = warm-up call incl. "
+        "compile/autotune, s)",
+        "",
+        "| model | L | rung | scan ms | scan peak MB | first s | layer ms | layer peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (model, length, rung), cell in scans.items():
         sc, ly = cell["scan"], cell["layer"]
         if isinstance(rungs[rung], str):
             out.append(f"| {model} | {length} | {rung} | not run: {rungs[rung]} | | | | |")
             continue
-        out.append(f"| {model} | {length} | {rung} | {_ms(sc)} | {_ms(sc, 'peak_mb', 1, '{:.0f}')} | "
-                   f"{_ms(sc, 'first_s', 1, '{:.1f}')} | {_ms(ly)} | {_ms(ly, 'peak_mb', 1, '{:.0f}')} |")
-    out += ["", f"## Generation ({'tiny' if args.smoke else TARGET_MODEL}, random weights, batch 1, greedy)", "",
-            "| prefill rung | prefill ms (1 token out) | decode ms/token |", "|---|---|---|"]
+        out.append(
+            f"| {model} | {length} | {rung} | {_ms(sc)} | {_ms(sc, 'peak_mb', 1, '{:.0f}')} | "
+            f"{_ms(sc, 'first_s', 1, '{:.1f}')} | {_ms(ly)} | {_ms(ly, 'peak_mb', 1, '{:.0f}')} |"
+        )
+    out += [
+        "",
+        f"## Generation ({'tiny' if args.smoke else TARGET_MODEL}, random weights, batch 1, greedy)",
+        "",
+        "| prefill rung | prefill ms (1 token out) | decode ms/token |",
+        "|---|---|---|",
+    ]
     for rung in RUNGS:
         cell = gen[rung]
         out.append(f"| {rung} | {_ms(cell, 'prefill_ms', 1)} | {_ms(cell, 'ms_per_token', 1)} |")
-    out += ["", f"Decoding always runs transformers' one-token update (mamba-ssm's kernel when installed, else "
-            f"torch): the torch update alone takes {gen['state_update_ms_per_token']:.2f} ms per token over all "
-            "layers, the most a fused Triton decode kernel could save.", ""]
+    out += [
+        "",
+        f"Decoding always runs transformers' one-token update (mamba-ssm's kernel when installed, else "
+        f"torch): the torch update alone takes {gen['state_update_ms_per_token']:.2f} ms per token over all "
+        "layers, the most a fused Triton decode kernel could save.",
+        "",
+    ]
     visual, text = stage2["tokens"]
-    out += [f"## Stage-2 step ({'tiny parts' if args.smoke else 'mamba-2.8b + CLIP ViT-L/14'}, {visual} visual "
-            f"+ {text} text tokens, bridge + LoRA r=16 on in_proj, {stage2['trainable']:,} trainable parameters, "
-            "AdamW)", "", "| rung | step s | peak GB (absolute) |", "|---|---|---|"]
+    out += [
+        f"## Stage-2 step ({'tiny parts' if args.smoke else 'mamba-2.8b + CLIP ViT-L/14'}, {visual} visual "
+        f"+ {text} text tokens, bridge + LoRA r=16 on in_proj, {stage2['trainable']:,} trainable parameters, "
+        "AdamW)",
+        "",
+        "| rung | step s | peak GB (absolute) |",
+        "|---|---|---|",
+    ]
     for rung in RUNGS:
         cell = stage2[rung]
         out.append(f"| {rung} | {_ms(cell, 's', 1)} | {_ms(cell, 'peak_gb', 1)} |")
     out += ["", "## Targets", ""]
     target = TARGET_MODEL if not args.smoke else "tiny"
-    for length in (LENGTHS if not args.smoke else SMOKE_LENGTHS):
+    for length in LENGTHS if not args.smoke else SMOKE_LENGTHS:
         tri = scans[target, length, "hf_vlm_triton"]["scan"]
         vs_ssm = _ratio(tri, scans[target, length, "mamba_ssm"]["scan"])
         vs_ref = _ratio(scans[target, length, "transformers_reference"]["scan"], tri)
-        out.append(f"- {target} L={length}: Triton fwd+bwd / mamba-ssm = "
-                   + ("N/A (not both measured)" if vs_ssm is None else f"{vs_ssm:.2f}x -> "
-                      + ("PASS" if vs_ssm <= 1.5 else "FAIL")) + " (target <= 1.5x); transformers' fallback / "
-                   "Triton = " + ("N/A (not both measured)" if vs_ref is None else f"{vs_ref:.1f}x -> "
-                                  + ("PASS" if vs_ref >= 20 else "FAIL")) + " (target >= 20x)")
+        out.append(
+            f"- {target} L={length}: Triton fwd+bwd / mamba-ssm = "
+            + (
+                "N/A (not both measured)"
+                if vs_ssm is None
+                else f"{vs_ssm:.2f}x -> " + ("PASS" if vs_ssm <= 1.5 else "FAIL")
+            )
+            + " (target <= 1.5x); transformers' fallback / "
+            "Triton = "
+            + (
+                "N/A (not both measured)"
+                if vs_ref is None
+                else f"{vs_ref:.1f}x -> " + ("PASS" if vs_ref >= 20 else "FAIL")
+            )
+            + " (target >= 20x)"
+        )
     for rung in ("hf_vlm_triton", "hf_vlm_chunked"):
         peak = stage2[rung].get("peak_gb")
-        out.append(f"- stage-2 step with {rung}: " + ("N/A (not measured)" if peak is None else
-                   f"{peak:.2f} GB -> {'PASS' if peak <= STAGE2_LIMIT_GB else 'FAIL'}") + f" (target <= {STAGE2_LIMIT_GB:g} GB)")
+        out.append(
+            f"- stage-2 step with {rung}: "
+            + (
+                "N/A (not measured)"
+                if peak is None
+                else f"{peak:.2f} GB -> {'PASS' if peak <= STAGE2_LIMIT_GB else 'FAIL'}"
+            )
+            + f" (target <= {STAGE2_LIMIT_GB:g} GB)"
+        )
     return "\n".join(out)
 
 
@@ -462,8 +568,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (what the tests run)")
     parser.add_argument("--interpret", action="store_true", help="with --smoke: the Triton scan in the interpreter")
     parser.add_argument("--install-mamba-ssm", action="store_true", help="pip install mamba-ssm causal-conv1d first")
-    parser.add_argument("--stage2-reference", action="store_true",
-                        help="also run the stage-2 step on transformers' sequential scan (slow, ~40 GB)")
+    parser.add_argument(
+        "--stage2-reference",
+        action="store_true",
+        help="also run the stage-2 step on transformers' sequential scan (slow, ~40 GB)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", help="also write the report (markdown) here")
@@ -482,8 +591,11 @@ def main(argv=None) -> int:
     print("\n".join(checks), flush=True)
     scans = bench_scan_and_layer(args, device, rungs)
     print(f"scan/layer table done ({time.time() - t0:.0f} s)", flush=True)
-    lm = build_lm(mamba_config("tiny" if args.smoke else TARGET_MODEL, args.smoke), device,
-                  torch.float32 if args.smoke else torch.bfloat16)
+    lm = build_lm(
+        mamba_config("tiny" if args.smoke else TARGET_MODEL, args.smoke),
+        device,
+        torch.float32 if args.smoke else torch.bfloat16,
+    )
     gen = bench_generation(args, device, rungs, lm)
     print(f"generation done ({time.time() - t0:.0f} s)", flush=True)
     stage2 = bench_stage2(args, device, rungs, lm)

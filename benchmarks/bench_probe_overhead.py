@@ -51,13 +51,29 @@ class StepClock(TrainerCallback):
 
 def run(model, processor, dataset, collator, out, steps, every):
     args = MambaVLMTrainingArguments(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=BATCH, logging_steps=10, save_strategy="no",
-        report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, learning_rate=1e-4,
-        vision_probe_steps=every, plot_loss=False, guard_action="warn",
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        learning_rate=1e-4,
+        vision_probe_steps=every,
+        plot_loss=False,
+        guard_action="warn",
     )
     clock = StepClock()
-    trainer = MambaVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                              processing_class=processor, callbacks=[clock])
+    trainer = MambaVLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[clock],
+    )
     probe = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainVisionProbe))
     spent = [0.0]
     observe = probe.observe_batch
@@ -93,11 +109,14 @@ def main() -> int:
     rng = random.Random(0)
     model, processor, reports = build_tiny_vlm(cli.hidden, cli.layers, rng)
     size = model.config.vision_config.image_size
-    rows = [processor.encode_example([render_slice(draw_facts(rng), size, rng)], None,
-                                     "".join(reports[8 * i: 8 * i + 8])) for i in range(BATCH)]
+    rows = [
+        processor.encode_example([render_slice(draw_facts(rng), size, rng)], None, "".join(reports[8 * i : 8 * i + 8]))
+        for i in range(BATCH)
+    ]
     dataset = rows * (cli.steps + 1)
-    collator = DataCollatorForMambaVLM(processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id,
-                                       log_first_example=False)
+    collator = DataCollatorForMambaVLM(
+        processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id, log_first_example=False
+    )
     results: dict[str, list] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as out:
         apply_freeze_policy(model, MambaVLMTrainingArguments(output_dir=out, use_cpu=True, report_to="none"))
@@ -106,22 +125,35 @@ def main() -> int:
             for name, every in configs.items():
                 model.load_state_dict(initial)
                 marks, start, probes, spent = run(model, processor, dataset, collator, out, cli.steps, every)
-                deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[cli.warmup:], marks[cli.warmup + 1:])]
+                deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[cli.warmup :], marks[cli.warmup + 1 :])]
                 whole = ((marks[-1][0] - start[0]) / len(marks), (marks[-1][1] - start[1]) / len(marks))
-                results[name].append((statistics.mean(d[1] for d in deltas), statistics.mean(d[0] for d in deltas),
-                                      statistics.median(d[1] for d in deltas), *whole, probes,
-                                      spent / (marks[-1][1] - start[1])))
+                results[name].append(
+                    (
+                        statistics.mean(d[1] for d in deltas),
+                        statistics.mean(d[0] for d in deltas),
+                        statistics.median(d[1] for d in deltas),
+                        *whole,
+                        probes,
+                        spent / (marks[-1][1] - start[1]),
+                    )
+                )
 
     seq = len(collator(rows)["input_ids"][0])
-    print(f"\nMamba {cli.hidden}x{cli.layers} + ViT-64x2, batch {BATCH} x {seq} tokens, stage align, {cli.steps} steps "
-          f"({cli.warmup} warm-up not timed in the means), {cli.threads} thread(s)\n")
-    print("| probe | run | probes | probe share of run CPU | mean CPU ms/step | mean wall ms/step | median CPU ms "
-          "| whole run CPU ms/step | whole run wall ms/step |")
+    print(
+        f"\nMamba {cli.hidden}x{cli.layers} + ViT-64x2, batch {BATCH} x {seq} tokens, stage align, {cli.steps} steps "
+        f"({cli.warmup} warm-up not timed in the means), {cli.threads} thread(s)\n"
+    )
+    print(
+        "| probe | run | probes | probe share of run CPU | mean CPU ms/step | mean wall ms/step | median CPU ms "
+        "| whole run CPU ms/step | whole run wall ms/step |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
         for i, (mc, mw, medc, ww, wc, probes, share) in enumerate(runs, 1):
-            print(f"| {name} | {i} | {probes} | {share:.2%} | {1000 * mc:.1f} | {1000 * mw:.1f} | {1000 * medc:.1f} | "
-                  f"{1000 * wc:.1f} | {1000 * ww:.1f} |")
+            print(
+                f"| {name} | {i} | {probes} | {share:.2%} | {1000 * mc:.1f} | {1000 * mw:.1f} | {1000 * medc:.1f} | "
+                f"{1000 * wc:.1f} | {1000 * ww:.1f} |"
+            )
     off = min(r[0] for r in results["probe off"])
     off_whole = min(r[4] for r in results["probe off"])
     spread = max(r[0] for r in results["probe off"]) / off - 1
@@ -130,9 +162,11 @@ def main() -> int:
         overhead = min(r[0] for r in results[name]) / off - 1
         whole = min(r[4] for r in results[name]) / off_whole - 1
         share = max(r[6] for r in results[name])
-        print(f"{name}: probe share of the run's CPU time {share:.2%} (in-run, the decisive figure); A/B vs probe "
-              f"off: mean CPU per step {overhead:+.1%}, whole run {whole:+.1%} (probe-off runs differ by "
-              f"{spread:.1%} between themselves)")
+        print(
+            f"{name}: probe share of the run's CPU time {share:.2%} (in-run, the decisive figure); A/B vs probe "
+            f"off: mean CPU per step {overhead:+.1%}, whole run {whole:+.1%} (probe-off runs differ by "
+            f"{spread:.1%} between themselves)"
+        )
         passed &= configs[name] != default_every or share <= cli.target
     print(f"{'PASS' if passed else 'FAIL'}: probe share at the default interval <= {cli.target:.0%}")
     return 0 if passed else 1

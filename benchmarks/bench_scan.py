@@ -37,8 +37,9 @@ MODES = ("fwd", "fwdbwd")
 TARGET_LENGTHS = (608, 1024)
 
 
-def _floor_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                return_last_state=False, **kwargs):
+def _floor_scan(
+    hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **kwargs
+):
     """Scan-free stand-in with the same inputs/outputs: y = u*D + dt * (B.C) * mean(A)."""
     import torch.nn.functional as F
 
@@ -104,8 +105,13 @@ def worker(args) -> dict:
     uninstall_fast_scan()
     if args.backend == "mambapy" and not is_mambapy_available():
         return {"unavailable": "mambapy not importable (pip install mambapy)"}
-    cfg = MambaConfig(hidden_size=args.width, num_hidden_layers=4, vocab_size=args.vocab,
-                      state_size=16, use_mambapy=args.backend == "mambapy")
+    cfg = MambaConfig(
+        hidden_size=args.width,
+        num_hidden_layers=4,
+        vocab_size=args.vocab,
+        state_size=16,
+        use_mambapy=args.backend == "mambapy",
+    )
     torch.manual_seed(0)
     model = MambaForCausalLM(cfg).train()
     if args.backend == "hf_vlm":
@@ -133,9 +139,16 @@ def worker(args) -> dict:
             cpus.append(time.process_time() - c0)
         if rep == 0:
             peak, loss = mem.delta_mb, loss_value
-    return {"wall": min(times), "cpu": min(cpus), "walls": times, "cpus": cpus, "peak_mb": peak,
-            "loss": loss, "threads": torch.get_num_threads(),
-            "peak_method": "VmHWM" if mem.kernel else "sampled"}
+    return {
+        "wall": min(times),
+        "cpu": min(cpus),
+        "walls": times,
+        "cpus": cpus,
+        "peak_mb": peak,
+        "loss": loss,
+        "threads": torch.get_num_threads(),
+        "peak_method": "VmHWM" if mem.kernel else "sampled",
+    }
 
 
 def run_one(args, width, length, backend, mode) -> dict:
@@ -144,9 +157,25 @@ def run_one(args, width, length, backend, mode) -> dict:
     if backend == "sequential" and args.skip_sequential_above is not None and length > args.skip_sequential_above:
         return {"skipped": f"L > {args.skip_sequential_above}"}
     reps = 1 if backend == "sequential" else args.reps
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend, "--mode", mode,
-           "--width", str(width), "--length", str(length), "--reps", str(reps), "--vocab", str(args.vocab),
-           "--threads", str(args.threads or 0)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--backend",
+        backend,
+        "--mode",
+        mode,
+        "--width",
+        str(width),
+        "--length",
+        str(length),
+        "--reps",
+        str(reps),
+        "--vocab",
+        str(args.vocab),
+        "--threads",
+        str(args.threads or 0),
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
@@ -178,21 +207,25 @@ def _ratio(a, b, key):
 
 def report(args, res) -> str:
     k = args.metric
-    out = [f"Ratios use {'CPU' if k == 'cpu' else 'wall'} time. Times in s (wall / CPU), "
-           "peak = peak RSS increase in MB.", "",
-           "| width | L | backend | fwd s | fwd peak | fwd+bwd s | fwd+bwd peak | fwd+bwd × floor "
-           "| seq ÷ this (fwd+bwd) | mem × floor | loss |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"Ratios use {'CPU' if k == 'cpu' else 'wall'} time. Times in s (wall / CPU), peak = peak RSS increase in MB.",
+        "",
+        "| width | L | backend | fwd s | fwd peak | fwd+bwd s | fwd+bwd peak | fwd+bwd × floor "
+        "| seq ÷ this (fwd+bwd) | mem × floor | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     checks = []
     for (w, n), by in res.items():
         fl, sq = by["floor"]["fwdbwd"], by["sequential"]["fwdbwd"]
         for b in BACKENDS:
             f, fb = by[b]["fwd"], by[b]["fwdbwd"]
             tx, sp, mx = _ratio(fb, fl, k), _ratio(sq, fb, k), _ratio(fb, fl, "peak_mb")
-            out.append(f"| {w} | {n} | {b} | {_times(f)} | {_cell(f, 'peak_mb', '{:.0f}')} | "
-                       f"{_times(fb)} | {_cell(fb, 'peak_mb', '{:.0f}')} | "
-                       f"{'-' if tx is None else f'{tx:.2f}×'} | {'-' if sp is None else f'{sp:.1f}×'} | "
-                       f"{'-' if mx is None else f'{mx:.2f}×'} | {_cell(fb, 'loss', '{:.6f}')} |")
+            out.append(
+                f"| {w} | {n} | {b} | {_times(f)} | {_cell(f, 'peak_mb', '{:.0f}')} | "
+                f"{_times(fb)} | {_cell(fb, 'peak_mb', '{:.0f}')} | "
+                f"{'-' if tx is None else f'{tx:.2f}×'} | {'-' if sp is None else f'{sp:.1f}×'} | "
+                f"{'-' if mx is None else f'{mx:.2f}×'} | {_cell(fb, 'loss', '{:.6f}')} |"
+            )
         if n in TARGET_LENGTHS:
             h, mp = by["hf_vlm"]["fwdbwd"], by["mambapy"]["fwdbwd"]
             for name, val, ok in (
@@ -216,8 +249,12 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--vocab", type=int, default=1024, help="small, so the LM head does not dominate")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--metric", choices=("cpu", "wall"), default=None,
-                   help="time used for ratios (default: cpu if --threads 1 else wall)")
+    p.add_argument(
+        "--metric",
+        choices=("cpu", "wall"),
+        default=None,
+        help="time used for ratios (default: cpu if --threads 1 else wall)",
+    )
     p.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds per config")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

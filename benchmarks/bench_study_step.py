@@ -49,27 +49,41 @@ def one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    side = int(args.patches ** 0.5)
-    vision = ViTConfig(hidden_size=args.vision_dim, num_hidden_layers=1, num_attention_heads=8,
-                       intermediate_size=64, image_size=side * 14, patch_size=14)
+    side = int(args.patches**0.5)
+    vision = ViTConfig(
+        hidden_size=args.vision_dim,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        intermediate_size=64,
+        image_size=side * 14,
+        patch_size=14,
+    )
     text = MambaConfig(vocab_size=600, hidden_size=args.hidden, num_hidden_layers=args.layers, state_size=16)
-    config = MambaVLMConfig(vision_config=vision, text_config=text, bridge_type=args.bridge,
-                            max_visual_tokens=args.budget, slice_position_embedding=True,
-                            study_depth_tokens=args.depth_tokens if args.bridge == "mlp" else 1,
-                            qformer_config={"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4,
-                                            "intermediate_size": 512} if args.bridge == "qformer" else None,
-                            image_token_id=599)
+    config = MambaVLMConfig(
+        vision_config=vision,
+        text_config=text,
+        bridge_type=args.bridge,
+        max_visual_tokens=args.budget,
+        slice_position_embedding=True,
+        study_depth_tokens=args.depth_tokens if args.bridge == "mlp" else 1,
+        qformer_config={"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512}
+        if args.bridge == "qformer"
+        else None,
+        image_token_id=599,
+    )
     model = MambaVLMForConditionalGeneration(config)
     model.vision_tower.requires_grad_(False)  # cached features: the tower is not run
     model.train()
     s, b = args.num_slices, args.batch
     seq = args.budget + args.text_tokens
     input_ids = torch.randint(1, 500, (b, seq))
-    input_ids[:, 4:4 + args.budget] = 599
+    input_ids[:, 4 : 4 + args.budget] = 599
     labels = input_ids.clone()
     labels[:, : 4 + args.budget] = -100
     batch = {
-        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
         "vision_features": torch.randn(b * s, args.patches, args.vision_dim),
         "slice_counts": torch.full((b,), s, dtype=torch.long),
         "slice_z": ((torch.arange(s) + 0.5) / s).repeat(b),
@@ -86,9 +100,15 @@ def one(args) -> dict:
         if step >= args.warmup:
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
-    return {"bridge": args.bridge, "S": s, "wall_ms": 1000 * statistics.median(walls),
-            "cpu_ms": 1000 * statistics.median(cpus), "peak_mb": (_rss_kb("VmHWM") - before) / 1024,
-            "rss_mb": _rss_kb("VmHWM") / 1024, "features_mb": batch["vision_features"].numel() * 4 / 2 ** 20}
+    return {
+        "bridge": args.bridge,
+        "S": s,
+        "wall_ms": 1000 * statistics.median(walls),
+        "cpu_ms": 1000 * statistics.median(cpus),
+        "peak_mb": (_rss_kb("VmHWM") - before) / 1024,
+        "rss_mb": _rss_kb("VmHWM") / 1024,
+        "features_mb": batch["vision_features"].numel() * 4 / 2**20,
+    }
 
 
 def main() -> None:
@@ -117,19 +137,29 @@ def main() -> None:
     results = []
     for bridge in args.bridges:
         for s in args.slices:
-            out = subprocess.run([sys.executable, __file__, *passed, "--one", "--bridge", bridge, "--num_slices", str(s)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, *passed, "--one", "--bridge", bridge, "--num_slices", str(s)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
             print(f"  done {bridge} S={s}", file=sys.stderr)
-    print(f"batch {args.batch} studies, P={args.patches} patches x Dv={args.vision_dim} per slice (cached), "
-          f"{args.budget} study tokens + {args.text_tokens} text tokens, Mamba d={args.hidden} x {args.layers}, "
-          f"{args.threads} thread(s)")
-    print(f"{'bridge':<8}{'S':>4}{'features MB':>13}{'wall ms':>10}{'cpu ms':>9}{'cpu vs S=1':>12}"
-          f"{'peak MB':>10}{'peak vs S=1':>13}")
+    print(
+        f"batch {args.batch} studies, P={args.patches} patches x Dv={args.vision_dim} per slice (cached), "
+        f"{args.budget} study tokens + {args.text_tokens} text tokens, Mamba d={args.hidden} x {args.layers}, "
+        f"{args.threads} thread(s)"
+    )
+    print(
+        f"{'bridge':<8}{'S':>4}{'features MB':>13}{'wall ms':>10}{'cpu ms':>9}{'cpu vs S=1':>12}"
+        f"{'peak MB':>10}{'peak vs S=1':>13}"
+    )
     for r in results:
         base = next(x for x in results if x["bridge"] == r["bridge"] and x["S"] == min(args.slices))
-        print(f"{r['bridge']:<8}{r['S']:>4}{r['features_mb']:>13.1f}{r['wall_ms']:>10.1f}{r['cpu_ms']:>9.1f}"
-              f"{r['cpu_ms'] / base['cpu_ms']:>11.2f}x{r['peak_mb']:>10.1f}{r['peak_mb'] / max(base['peak_mb'], 1e-3):>12.2f}x")
+        print(
+            f"{r['bridge']:<8}{r['S']:>4}{r['features_mb']:>13.1f}{r['wall_ms']:>10.1f}{r['cpu_ms']:>9.1f}"
+            f"{r['cpu_ms'] / base['cpu_ms']:>11.2f}x{r['peak_mb']:>10.1f}{r['peak_mb'] / max(base['peak_mb'], 1e-3):>12.2f}x"  # noqa: E501
+        )
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from _tiny_vlm import build_tiny_vlm  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from hf_vlm.data.collator import DataCollatorForMambaVLM  # noqa: E402
 from hf_vlm.synthetic import draw_facts, render_slice  # noqa: E402
-from _tiny_vlm import build_tiny_vlm  # noqa: E402
 from hf_vlm.training.arguments import MambaVLMTrainingArguments  # noqa: E402
 from hf_vlm.training.freeze import apply_freeze_policy  # noqa: E402
 from hf_vlm.training.trainer import MambaVLMTrainer  # noqa: E402
@@ -59,8 +59,10 @@ def build(hidden: int, layers: int):
     rng = random.Random(0)
     model, processor, reports = build_tiny_vlm(hidden, layers, rng)
     size = model.config.vision_config.image_size
-    rows = [processor.encode_example([render_slice(draw_facts(rng), size, rng)], None,
-                                     "".join(reports[8 * i: 8 * i + 8])) for i in range(BATCH)]
+    rows = [
+        processor.encode_example([render_slice(draw_facts(rng), size, rng)], None, "".join(reports[8 * i : 8 * i + 8]))
+        for i in range(BATCH)
+    ]
     return model, processor, rows
 
 
@@ -85,8 +87,14 @@ def bare_loop(model, dataset, collator, args, optimizer_cls, optimizer_kwargs, s
 def trainer_loop(kind, model, dataset, collator, args, processor):
     clock = StepClock()
     if kind == "MambaVLMTrainer":
-        trainer = MambaVLMTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                                  processing_class=processor, callbacks=[clock])
+        trainer = MambaVLMTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            processing_class=processor,
+            callbacks=[clock],
+        )
     else:
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[clock])
     trainer.train()
@@ -94,7 +102,7 @@ def trainer_loop(kind, model, dataset, collator, args, processor):
 
 
 def summarise(marks, warmup):
-    deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[warmup:], marks[warmup + 1:])]
+    deltas = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks[warmup:], marks[warmup + 1 :])]
     walls, cpus = [d[0] for d in deltas], [d[1] for d in deltas]
     return statistics.median(walls), statistics.mean(walls), statistics.median(cpus), statistics.mean(cpus)
 
@@ -117,13 +125,22 @@ def main() -> int:
     model, processor, rows = build(cli.hidden, cli.layers)
     total = cli.steps + cli.warmup + 1
     dataset = rows * total  # every batch is the same 4 rows (in shuffled order)
-    collator = DataCollatorForMambaVLM(processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id,
-                                       log_first_example=False)
+    collator = DataCollatorForMambaVLM(
+        processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id, log_first_example=False
+    )
     results: dict[str, list] = {"bare": [], "hf Trainer": [], "MambaVLMTrainer": []}
     with tempfile.TemporaryDirectory() as out:
         args = MambaVLMTrainingArguments(
-            output_dir=out, max_steps=total, per_device_train_batch_size=BATCH, logging_steps=5, save_strategy="no",
-            report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, learning_rate=1e-4,
+            output_dir=out,
+            max_steps=total,
+            per_device_train_batch_size=BATCH,
+            logging_steps=5,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            learning_rate=1e-4,
         )
         apply_freeze_policy(model, args)  # stage "align": bridge trainable, tower and LLM frozen
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -140,15 +157,19 @@ def main() -> int:
                 results[kind].append((*summarise(marks, cli.warmup), (time.perf_counter() - start) / len(marks)))
 
     seq = len(collator(rows)["input_ids"][0])
-    print(f"\nMamba {cli.hidden}x{cli.layers} + ViT-64x2, batch {BATCH} x {seq} tokens, stage align (bridge trains), "
-          f"{cli.steps} timed steps after {cli.warmup} warm-up, {cli.threads} thread(s), optimizer "
-          f"{optimizer_cls.__name__}\n")
+    print(
+        f"\nMamba {cli.hidden}x{cli.layers} + ViT-64x2, batch {BATCH} x {seq} tokens, stage align (bridge trains), "
+        f"{cli.steps} timed steps after {cli.warmup} warm-up, {cli.threads} thread(s), optimizer "
+        f"{optimizer_cls.__name__}\n"
+    )
     print("| loop | run | median wall ms | mean wall ms | median CPU ms | mean CPU ms | whole run / step ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for kind, runs in results.items():
         for i, (mw, aw, mc, ac, whole) in enumerate(runs, 1):
-            print(f"| {kind} | {i} | {1000 * mw:.0f} | {1000 * aw:.0f} | {1000 * mc:.0f} | {1000 * ac:.0f} | "
-                  f"{1000 * whole:.0f} |")
+            print(
+                f"| {kind} | {i} | {1000 * mw:.0f} | {1000 * aw:.0f} | {1000 * mc:.0f} | {1000 * ac:.0f} | "
+                f"{1000 * whole:.0f} |"
+            )
     bare_cpu = min(r[2] for r in results["bare"])
     verdict = True
     for kind in ("hf Trainer", "MambaVLMTrainer"):

@@ -102,10 +102,15 @@ class QFormerBridge(nn.Module):
         logger.info(
             "Q-Former bridge: %s, hidden %d, %d heads, intermediate %d, %d layers, cross-attention every %d, "
             "locality bias %g",
-            f"BLIP-2 size for weights from {config.qformer_init_from}" if config.qformer_init_from
+            f"BLIP-2 size for weights from {config.qformer_init_from}"
+            if config.qformer_init_from
             else "fresh, sized from the vision tower",
-            qconfig.hidden_size, qconfig.num_attention_heads, qconfig.intermediate_size,
-            qconfig.num_hidden_layers, qconfig.cross_attention_frequency, self.locality_bias,
+            qconfig.hidden_size,
+            qconfig.num_attention_heads,
+            qconfig.intermediate_size,
+            qconfig.num_hidden_layers,
+            qconfig.cross_attention_frequency,
+            self.locality_bias,
         )
 
     @torch.no_grad()
@@ -119,7 +124,7 @@ class QFormerBridge(nn.Module):
         """Visual tokens start at the LM's embedding scale. The Q-Former's last LayerNorm makes its
         output unit-scale per channel, so the model-wide Linear init (std `text_std`) gave visual tokens
         of std 0.8 in the tiny preset, 8x the text embeddings (the MLP bridge starts at 0.06)."""
-        self.language_projection.weight.normal_(0.0, text_std * self.language_projection.in_features ** -0.5)
+        self.language_projection.weight.normal_(0.0, text_std * self.language_projection.in_features**-0.5)
         self.language_projection.bias.zero_()
         self.language_projection._is_hf_initialized = True  # keep it through the model's post_init
 
@@ -175,7 +180,10 @@ class QFormerBridge(nn.Module):
         missing = sorted(k for k in own if k.startswith(("qformer.", "query_tokens")) and k not in updates)
         logger.info(
             "Q-Former init from %s: %d tensors loaded, %d skipped, %d left at random init",
-            name_or_path, len(loaded), len(skipped), len(missing),
+            name_or_path,
+            len(loaded),
+            len(skipped),
+            len(missing),
         )
         for item in skipped:
             logger.warning("Q-Former init: skipped %s", item)
@@ -188,7 +196,8 @@ def _read_checkpoint_tensors(name_or_path: str, prefixes: tuple[str, ...]) -> di
     from safetensors import safe_open
 
     folder = (
-        name_or_path if os.path.isdir(name_or_path)
+        name_or_path
+        if os.path.isdir(name_or_path)
         else snapshot_download(name_or_path, allow_patterns=["*.safetensors*"])
     )
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))

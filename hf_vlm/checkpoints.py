@@ -75,11 +75,13 @@ def _source_for_record(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def write_checkpoint_info(path: str, *, tower_saved: bool, vision_model_name_or_path: str | None,
-                          **extra) -> None:
+def write_checkpoint_info(path: str, *, tower_saved: bool, vision_model_name_or_path: str | None, **extra) -> None:
     """Record whether `path` holds the tower weights and where to re-load them from (+ `extra`)."""
-    info = {"vision_tower_weights": "included" if tower_saved else "external",
-            "vision_model_name_or_path": _source_for_record(vision_model_name_or_path), **extra}
+    info = {
+        "vision_tower_weights": "included" if tower_saved else "external",
+        "vision_model_name_or_path": _source_for_record(vision_model_name_or_path),
+        **extra,
+    }
     with open(os.path.join(path, CHECKPOINT_INFO), "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2)
 
@@ -105,17 +107,24 @@ class CheckpointInfoCallback(TrainerCallback):
             self.write_checkpoint_record(path)
 
 
-
 # --- save / load ----------------------------------------------------------------------------------
-def save_vlm_checkpoint(model, output_dir: str, *, save_frozen_vision_weights: bool = True,
-                        vision_model_name_or_path: str | None = None, state_dict: dict | None = None,
-                        **save_kwargs) -> None:
+def save_vlm_checkpoint(
+    model,
+    output_dir: str,
+    *,
+    save_frozen_vision_weights: bool = True,
+    vision_model_name_or_path: str | None = None,
+    state_dict: dict | None = None,
+    **save_kwargs,
+) -> None:
     """`save_pretrained`, optionally without a frozen vision tower (recorded in hf_vlm_checkpoint.json)."""
     os.makedirs(output_dir, exist_ok=True)
     drop = not save_frozen_vision_weights and tower_is_frozen(model)
     if drop and not vision_model_name_or_path:
-        logger.warning("save_frozen_vision_weights=false but no vision_model_name_or_path to reload the tower "
-                       "from: saving the tower weights anyway")
+        logger.warning(
+            "save_frozen_vision_weights=false but no vision_model_name_or_path to reload the tower "
+            "from: saving the tower weights anyway"
+        )
         drop = False
     if state_dict is None:
         state_dict = model.state_dict()
@@ -124,12 +133,12 @@ def save_vlm_checkpoint(model, output_dir: str, *, save_frozen_vision_weights: b
         state_dict = without_frozen_tower(state_dict)
         extra[TOWER_HASH_KEY] = tower_weights_hash(model.vision_tower)  # the re-attached tower is verified
     model.save_pretrained(output_dir, state_dict=state_dict, **save_kwargs)
-    write_checkpoint_info(output_dir, tower_saved=not drop, vision_model_name_or_path=vision_model_name_or_path,
-                          **extra)
+    write_checkpoint_info(
+        output_dir, tower_saved=not drop, vision_model_name_or_path=vision_model_name_or_path, **extra
+    )
 
 
-def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = None, quantization_config=None,
-                        **kwargs):
+def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = None, quantization_config=None, **kwargs):
     """Load a saved VLM; re-attach the vision tower when the checkpoint left it out.
 
     The tower source is `vision_model_name_or_path` if given, else the one recorded at save time.
@@ -142,8 +151,9 @@ def load_vlm_checkpoint(path: str, *, vision_model_name_or_path: str | None = No
             "resume_from_checkpoint. Load the run's final output_dir instead (LoRA merged there)."
         )
     # from_pretrained re-attaches a tower that the checkpoint left out (`reattach_vision_tower`)
-    model = MambaVLMForConditionalGeneration.from_pretrained(path, vision_model_name_or_path=vision_model_name_or_path,
-                                                             **kwargs)
+    model = MambaVLMForConditionalGeneration.from_pretrained(
+        path, vision_model_name_or_path=vision_model_name_or_path, **kwargs
+    )
     if quantization_config is not None:
         quantize_language_model(model, quantization_config)
     return model
@@ -192,8 +202,12 @@ def reattach_vision_tower(model, checkpoint: str, vision_model_name_or_path: str
     recorded = info.get(TOWER_HASH_KEY)
     check_tower_hash(tower, recorded, source, checkpoint)
     if not recorded:
-        logger.warning("%s records no %s (saved by an older hf_vlm): the tower at %s is not verified",
-                       checkpoint, TOWER_HASH_KEY, source)
+        logger.warning(
+            "%s records no %s (saved by an older hf_vlm): the tower at %s is not verified",
+            checkpoint,
+            TOWER_HASH_KEY,
+            source,
+        )
     tower.to(next(model.bridge.parameters()).dtype)
     missing, unexpected = model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
     if unexpected or [k for k in missing if "pooler" not in k]:
@@ -268,8 +282,12 @@ def push_output_dir(output_dir: str, training_args) -> str:
     repo_id = api.create_repo(repo_id, private=bool(training_args.hub_private_repo), exist_ok=True).repo_id
     with tempfile.TemporaryDirectory(prefix="hf_vlm_push_") as staging:
         stage_for_push(output_dir, staging)
-        api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message="hf_vlm: final model and card",
-                          ignore_patterns=_IGNORE_ON_PUSH)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=staging,
+            commit_message="hf_vlm: final model and card",
+            ignore_patterns=_IGNORE_ON_PUSH,
+        )
     logger.info("Pushed %s to https://huggingface.co/%s", output_dir, repo_id)
     return repo_id
 

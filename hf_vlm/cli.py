@@ -15,7 +15,10 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("hf_vlm.commands.demo", "synthetic CT data -> train the bridge -> generate reports (CPU, minutes)"),
-    "train": ("hf_vlm.commands.train", "train from a recipe YAML (launch with `accelerate launch -m hf_vlm.cli train`)"),
+    "train": (
+        "hf_vlm.commands.train",
+        "train from a recipe YAML (launch with `accelerate launch -m hf_vlm.cli train`)",
+    ),
     "preflight": ("hf_vlm.commands.preflight", "run one step of a recipe and check masks, freeze policy, memory"),
     "doctor": ("hf_vlm.commands.doctor", "report torch/CUDA/bf16, mamba-ssm kernels, bitsandbytes, memory estimate"),
     "clean": ("hf_vlm.commands.clean", "clean a caption CSV/Excel into *_clean.csv + *_rejects.csv"),

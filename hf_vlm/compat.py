@@ -35,7 +35,7 @@ TRANSFORMERS_VERSION = transformers.__version__
 
 
 def _detect_cache_field() -> str:
-    """"cache" on transformers >= 5.24, "cache_params" before (read off Mamba's own output class)."""
+    """ "cache" on transformers >= 5.24, "cache_params" before (read off Mamba's own output class)."""
     fields = getattr(modeling_mamba.MambaCausalLMOutput, "__dataclass_fields__", {})
     return "cache" if "cache" in fields else "cache_params"
 

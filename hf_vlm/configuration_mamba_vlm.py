@@ -115,8 +115,10 @@ class MambaVLMConfig(PreTrainedConfig):
             raise ValueError(f"max_visual_tokens must be a positive integer, got {self.max_visual_tokens!r}")
         depth = self.study_depth_tokens
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1 or self.max_visual_tokens % depth:
-            raise ValueError(f"study_depth_tokens must be a positive divisor of max_visual_tokens="
-                             f"{self.max_visual_tokens}, got {depth!r}")
+            raise ValueError(
+                f"study_depth_tokens must be a positive divisor of max_visual_tokens="
+                f"{self.max_visual_tokens}, got {depth!r}"
+            )
         if self.image_token_id < 0:
             raise ValueError(f"image_token_id must be >= 0, got {self.image_token_id}")
 

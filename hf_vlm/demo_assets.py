@@ -100,7 +100,12 @@ def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps
 
 
 def build_demo_assets(
-    out_dir: str, n_train: int = 800, n_eval: int = 100, preset: str = "tiny", lm_steps: int = 150, seed: int = 0,
+    out_dir: str,
+    n_train: int = 800,
+    n_eval: int = 100,
+    preset: str = "tiny",
+    lm_steps: int = 150,
+    seed: int = 0,
     studies: bool = False,
 ) -> DemoAssets:
     """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`.

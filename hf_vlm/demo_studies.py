@@ -41,11 +41,26 @@ def run_study_stages(args, output_dir: str, extra: dict | None = None) -> dict:
         "overwrite_output_dir": True,
         **(extra or {}),
     }
-    align = train_from_recipe(RECIPE, {**common, "stage": "align", "unfreeze_llm_layers": 0,
-                                       "max_steps": args.align_steps, "save_strategy": "no",
-                                       "output_dir": os.path.join(output_dir, "align")})
-    return train_from_recipe(RECIPE, {**common, "init_from": align["output_dir"], "max_steps": args.finetune_steps,
-                                      "output_dir": os.path.join(output_dir, "final")})
+    align = train_from_recipe(
+        RECIPE,
+        {
+            **common,
+            "stage": "align",
+            "unfreeze_llm_layers": 0,
+            "max_steps": args.align_steps,
+            "save_strategy": "no",
+            "output_dir": os.path.join(output_dir, "align"),
+        },
+    )
+    return train_from_recipe(
+        RECIPE,
+        {
+            **common,
+            "init_from": align["output_dir"],
+            "max_steps": args.finetune_steps,
+            "output_dir": os.path.join(output_dir, "final"),
+        },
+    )
 
 
 def evaluate_studies(model, processor, eval_csv: str, shuffle: bool = False, seed: int = 0):
@@ -59,12 +74,16 @@ def evaluate_studies(model, processor, eval_csv: str, shuffle: bool = False, see
     studies = [[load_study(r["image_path"], processor.study_settings)] for r in rows]
     if shuffle:
         random.Random(seed).shuffle(studies)
-    reports = generate_reports(model, processor, studies, [r["prompt"] for r in rows], batch_size=25,
-                               max_new_tokens=48)
+    reports = generate_reports(model, processor, studies, [r["prompt"] for r in rows], batch_size=25, max_new_tokens=48)
     truths = read_study_facts(eval_csv)
-    return reports, [r["caption"] for r in rows], {
-        "all_studies": score_study_reports(reports, truths),
-        "off_middle": score_study_reports(reports, truths, off_middle_only=True)}
+    return (
+        reports,
+        [r["caption"] for r in rows],
+        {
+            "all_studies": score_study_reports(reports, truths),
+            "off_middle": score_study_reports(reports, truths, off_middle_only=True),
+        },
+    )
 
 
 def run(args) -> int:
@@ -84,8 +103,11 @@ def run(args) -> int:
     columns = {"model": scores, "blind (shuffled)": blind}
     if args.middle_baseline:
         set_seed(args.seed)
-        middle = run_study_stages(args, os.path.join(args.output_dir, "middle_slice"),
-                                  {"study_slice_sampling": "middle", "study_extent": "full"})
+        middle = run_study_stages(
+            args,
+            os.path.join(args.output_dir, "middle_slice"),
+            {"study_slice_sampling": "middle", "study_extent": "full"},
+        )
         columns["middle slice"] = evaluate_studies(middle["model"], middle["processor"], eval_csv)[2]
     chance = study_chance_accuracy()
     print("\nGenerated reports for held-out studies (prediction | ground truth):")
@@ -97,10 +119,16 @@ def run(args) -> int:
         for key in ("side", "lobe", "level", "size_within_2mm", "all"):
             values = "".join(f"{col[subset][key]:>18.2f}" for col in columns.values())
             print(f"{'':<{len(subset) + len(str(n)) + 6}}{key:<16}{values}{chance.get(key, float('nan')):>8.2f}")
-    summary = {**{k: v for k, v in columns.items()}, "chance": chance, "seconds_model_training": trained,
-               "seconds": time.time() - start}
+    summary = {
+        **{k: v for k, v in columns.items()},
+        "chance": chance,
+        "seconds_model_training": trained,
+        "seconds": time.time() - start,
+    }
     with open(os.path.join(args.output_dir, "demo_scores.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2, ensure_ascii=False)
-    print(f"\nCheckpoint: {final['output_dir']}  ({summary['seconds']:.0f} s in total, "
-          f"{trained:.0f} s for the study model)")
+    print(
+        f"\nCheckpoint: {final['output_dir']}  ({summary['seconds']:.0f} s in total, "
+        f"{trained:.0f} s for the study model)"
+    )
     return 0

@@ -1,7 +1,8 @@
 """Inference, in one place: load a checkpoint with the settings it was trained with, generate reports.
 
 `load_for_inference` is shared by `hf-vlm generate` and `serve`; `generate_batch` (one
-batch) and `generate_reports` (batching loop) are the one generation entry point of the package. Why a settings check: a checkpoint whose
+batch) and `generate_reports` (batching loop) are the one generation entry point of the package.
+Why a settings check: a checkpoint whose
 bridge was trained to emit 96 visual tokens, or whose LLM was trained in 8-bit, gives
 quietly worse reports when run otherwise. So inference reads those settings from the
 checkpoint by default, and a flag that contradicts them is an error naming both values
@@ -65,7 +66,7 @@ QUANTIZATION_SETTINGS = {"llm_8bit": "8bit", "llm_4bit": "4bit"}  # inference fl
 
 
 def stored_quantization(config) -> str | None:
-    """"8bit" / "4bit" when the model config carries a bitsandbytes config (weights saved quantised), else None."""
+    """ "8bit" / "4bit" when the model config carries a bitsandbytes config (weights saved quantised), else None."""
     for holder in (config, getattr(config, "text_config", None)):
         qc = getattr(holder, "quantization_config", None) if holder is not None else None
         if qc is not None:
@@ -96,8 +97,10 @@ def read_training_settings(checkpoint: str, config=None, processor=None) -> dict
             f"processor_config.json has {processor.max_visual_tokens}; save model and processor from the same run"
         )
     kind = stored_quantization(config) or read_checkpoint_info(checkpoint).get("trained_llm_quantization")
-    return {"max_visual_tokens": int(config.max_visual_tokens),
-            **{name: kind == value for name, value in QUANTIZATION_SETTINGS.items()}}
+    return {
+        "max_visual_tokens": int(config.max_visual_tokens),
+        **{name: kind == value for name, value in QUANTIZATION_SETTINGS.items()},
+    }
 
 
 def check_settings(trained: dict[str, Any], requested: dict[str, Any], checkpoint: str = "the checkpoint") -> dict:
@@ -113,8 +116,10 @@ def check_settings(trained: dict[str, Any], requested: dict[str, Any], checkpoin
         if name in QUANTIZATION_SETTINGS and value is False and trained[name]:
             merged[name] = False
             label = QUANTIZATION_SETTINGS[name].replace("bit", "-bit")
-            notes.append(f"{checkpoint} was trained with an {label} LLM ({name}=True); running it in full precision "
-                         f"as asked (--no-{name}): reports may differ slightly from the {label} model's")
+            notes.append(
+                f"{checkpoint} was trained with an {label} LLM ({name}=True); running it in full precision "
+                f"as asked (--no-{name}): reports may differ slightly from the {label} model's"
+            )
             continue
         problems.append(f"--{name} {value} differs from the training setting of {checkpoint}: {name}={trained[name]}")
     if problems:
@@ -183,8 +188,9 @@ def load_for_inference(
     config = MambaVLMConfig.from_pretrained(checkpoint)
     processor = MambaVLMProcessor.from_pretrained(checkpoint)
     trained = read_training_settings(checkpoint, config, processor)
-    settings = check_settings(trained, {"max_visual_tokens": max_visual_tokens, "llm_8bit": llm_8bit,
-                                        "llm_4bit": llm_4bit}, checkpoint)
+    settings = check_settings(
+        trained, {"max_visual_tokens": max_visual_tokens, "llm_8bit": llm_8bit, "llm_4bit": llm_4bit}, checkpoint
+    )
     for note in settings["notes"]:
         logger.warning("%s", note)
     target = pick_device(device)
@@ -217,8 +223,14 @@ def load_for_inference(
     if not (stored and kind):
         model.to(target)  # a pre-quantised load is placed by its device_map (transformers refuses .to)
     model.eval()
-    logger.info("Loaded %s on %s (max_visual_tokens=%d, llm_8bit=%s, llm_4bit=%s)", checkpoint, target,
-                settings["max_visual_tokens"], settings["llm_8bit"], settings["llm_4bit"])
+    logger.info(
+        "Loaded %s on %s (max_visual_tokens=%d, llm_8bit=%s, llm_4bit=%s)",
+        checkpoint,
+        target,
+        settings["max_visual_tokens"],
+        settings["llm_8bit"],
+        settings["llm_4bit"],
+    )
     return model, processor, settings
 
 
@@ -236,17 +248,23 @@ def build_generate_kwargs(
     if not do_sample and (temperature is not None or top_p is not None):
         raise ValueError("--temperature / --top_p only apply with --do_sample")
     kwargs: dict[str, Any] = {"do_sample": do_sample}
-    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("num_beams", num_beams), ("repetition_penalty", repetition_penalty),
-                        ("no_repeat_ngram_size", no_repeat_ngram_size)):
+    for name, value in (
+        ("max_new_tokens", max_new_tokens),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("num_beams", num_beams),
+        ("repetition_penalty", repetition_penalty),
+        ("no_repeat_ngram_size", no_repeat_ngram_size),
+    ):
         if value is not None:
             kwargs[name] = value
     return kwargs
 
 
 @torch.no_grad()
-def generate_batch(model, processor, images: Sequence[Sequence], prompts: Sequence[str | None],
-                   streamer=None, **generate_kwargs) -> list[str]:
+def generate_batch(
+    model, processor, images: Sequence[Sequence], prompts: Sequence[str | None], streamer=None, **generate_kwargs
+) -> list[str]:
     """One report per study (`images[i]` = the images of study i), greedy by default.
 
     Left padding comes from the processor, so batched greedy output equals one-by-one output.
@@ -270,13 +288,20 @@ def generate_batch(model, processor, images: Sequence[Sequence], prompts: Sequen
                 "recurrent cache during beam search. Use --num_beams 1 (greedy or sampling) or upgrade transformers."
             ) from exc
         raise
-    reports = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])
+    reports = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :])
     return [r.strip() for r in reports]
 
 
 @torch.no_grad()
-def generate_reports(model, processor, images: Sequence[Sequence], prompts: Sequence[str | None] | None = None,
-                     batch_size: int = 8, progress: bool = False, **generate_kwargs) -> list[str]:
+def generate_reports(
+    model,
+    processor,
+    images: Sequence[Sequence],
+    prompts: Sequence[str | None] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    **generate_kwargs,
+) -> list[str]:
     """One report per entry of `images` (the images of one study each), in batches of `batch_size`.
 
     The demo, the report-eval callback and `hf-vlm eval` use this; `hf-vlm generate` calls
@@ -298,8 +323,16 @@ def generate_reports(model, processor, images: Sequence[Sequence], prompts: Sequ
 
 
 __all__ = [
-    "NonFiniteWeightsError", "SettingsMismatchError", "build_generate_kwargs", "check_finite_weights",
-    "check_settings", "generate_batch", "generate_reports",
+    "NonFiniteWeightsError",
+    "SettingsMismatchError",
+    "build_generate_kwargs",
+    "check_finite_weights",
+    "check_settings",
+    "generate_batch",
+    "generate_reports",
     "load_for_inference",
-    "pick_device", "pick_dtype", "read_training_settings", "stored_quantization",
+    "pick_device",
+    "pick_dtype",
+    "read_training_settings",
+    "stored_quantization",
 ]

@@ -153,8 +153,11 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         return hidden[:, self._num_prefix_tokens(hidden.shape[1]) :]
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
-        slice_counts: torch.Tensor | None = None, slice_z: torch.Tensor | None = None,
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        slice_counts: torch.Tensor | None = None,
+        slice_z: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Bridge output for each study (or image): `(B, max_visual_tokens, D_text)`.
 
@@ -235,8 +238,9 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids (with <image> placeholders) or inputs_embeds")
-            inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, vision_features,
-                                                              slice_counts, slice_z)
+            inputs_embeds, image_features = self.embed_inputs(
+                input_ids, pixel_values, vision_features, slice_counts, slice_z
+            )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -265,8 +269,9 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         )
         return output if return_dict else output.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, use_cache=None, is_first_iteration: bool | None = False,
-                                      **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, use_cache=None, is_first_iteration: bool | None = False, **kwargs
+    ):
         # the cache keyword (`cache` / `cache_params`, see hf_vlm.compat) passes through untouched
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, use_cache=use_cache, is_first_iteration=is_first_iteration, **kwargs
@@ -282,20 +287,26 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
             model_inputs.pop("slice_z", None)
         return model_inputs
 
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs):
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ):
         """Beam search / num_return_sequences: repeat each study's images, not each image.
 
         The base class repeats every tensor row by row; `pixel_values` has one row per image, so a
         two-image study would hand its beams the images a1 a1 a2 a2 instead of a1 a2 a1 a2.
         """
-        per_image = {k: model_kwargs.pop(k) for k in ("pixel_values", "vision_features", "slice_z")
-                     if model_kwargs.get(k) is not None}
+        per_image = {
+            k: model_kwargs.pop(k)
+            for k in ("pixel_values", "vision_features", "slice_z")
+            if model_kwargs.get(k) is not None
+        }
         if expand_size > 1 and per_image and input_ids is not None:
             if model_kwargs.get("slice_counts") is not None:  # studies: one per row, slice_counts[i] slices
                 images_per_row = [int(c) for c in model_kwargs["slice_counts"].tolist()]
             else:
-                images_per_row = ((input_ids == self.config.image_token_id).sum(-1)
-                                  // self.config.max_visual_tokens).tolist()
+                images_per_row = (
+                    (input_ids == self.config.image_token_id).sum(-1) // self.config.max_visual_tokens
+                ).tolist()
             for key, value in per_image.items():
                 groups = value.split(images_per_row)
                 per_image[key] = torch.cat([g for g in groups for _ in range(expand_size)])
@@ -307,7 +318,9 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
 
     # --- building from real checkpoints -----------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, vision_model_name_or_path: str | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, vision_model_name_or_path: str | None = None, **kwargs
+    ):
         """`PreTrainedModel.from_pretrained`, plus re-attaching a frozen vision tower that the
         checkpoint left out (`save_frozen_vision_weights: false`), so no load path ends up with
         a randomly initialised tower."""
@@ -326,7 +339,7 @@ class MambaVLMForConditionalGeneration(MambaVLMPreTrainedModel, GenerationMixin)
         llm_quantization_config=None,
         dtype: torch.dtype | None = None,
         **bridge_kwargs,
-    ) -> "MambaVLMForConditionalGeneration":
+    ) -> MambaVLMForConditionalGeneration:
         """Join a pretrained vision tower and a pretrained Mamba LLM with a fresh bridge.
 
         `vision_model` / `language_model` are local paths or hub ids (e.g. a local copy of

@@ -105,8 +105,9 @@ def uses_study_encoder(model) -> bool:
     return hasattr(model.bridge, "slice_position") or getattr(model.config, "study_depth_tokens", 1) > 1
 
 
-def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Tensor | None = None,
-                   slice_z: torch.Tensor | None = None) -> torch.Tensor:
+def encode_studies(
+    model, vision_features: torch.Tensor, slice_counts: torch.Tensor | None = None, slice_z: torch.Tensor | None = None
+) -> torch.Tensor:
     """`(sum S, P, Dv)` tower features -> `(B, max_visual_tokens, Dt)`, one row per study.
 
     Without `slice_counts` every image is a study of one slice (z = 0.5).
@@ -115,8 +116,10 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
     total = vision_features.shape[0]
     counts = [1] * total if slice_counts is None else [int(c) for c in slice_counts.tolist()]
     if sum(counts) != total or min(counts, default=1) < 1:
-        raise ValueError(f"slice_counts {counts} (sum {sum(counts)}) do not match the {total} slices given: each study "
-                         "needs >= 1 slice; build inputs with MambaVLMProcessor")
+        raise ValueError(
+            f"slice_counts {counts} (sum {sum(counts)}) do not match the {total} slices given: each study "
+            "needs >= 1 slice; build inputs with MambaVLMProcessor"
+        )
     if slice_z is None:
         slice_z = torch.full((total,), SINGLE_SLICE_Z, device=vision_features.device)
     if slice_z.shape[0] != total:
@@ -142,8 +145,9 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
         if config.bridge_type == "mlp":
             pooled = pool_study_tokens(group, config.max_visual_tokens, depth, config.bridge_pooling)  # (n, K, Dv)
             if positions is not None:
-                pooled = pooled + pool_study_positions(torch.stack([positions[i] for i in rows]),
-                                                       config.max_visual_tokens, depth).to(pooled.dtype)
+                pooled = pooled + pool_study_positions(
+                    torch.stack([positions[i] for i in rows]), config.max_visual_tokens, depth
+                ).to(pooled.dtype)
             encoded = bridge(pooled)  # (n, K, Dt); its own pooling is the identity at K tokens
         else:
             encoded = bridge(group.reshape(n, s * p, d))  # queries attend over all slices' patches
@@ -152,5 +156,11 @@ def encode_studies(model, vision_features: torch.Tensor, slice_counts: torch.Ten
     return torch.stack(out)
 
 
-__all__ = ["SlicePositionEmbedding", "add_study_modules", "encode_studies", "pool_study_positions", "pool_study_tokens",
-           "uses_study_encoder"]
+__all__ = [
+    "SlicePositionEmbedding",
+    "add_study_modules",
+    "encode_studies",
+    "pool_study_positions",
+    "pool_study_tokens",
+    "uses_study_encoder",
+]

@@ -11,12 +11,26 @@ from transformers import MambaConfig, ViTConfig
 TINY_PRESETS = {
     # name: (vision kwargs, text kwargs, max_visual_tokens)
     "tiny": (
-        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64, patch_size=8),
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=64,
+            patch_size=8,
+        ),
         dict(hidden_size=128, num_hidden_layers=2, state_size=16, expand=2),
         16,
     ),
     "micro": (
-        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8),
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
         dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2),
         4,
     ),

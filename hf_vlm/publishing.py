@@ -24,9 +24,20 @@ logger = logging.getLogger(__name__)
 
 AUTO_MODEL_CLASS = "AutoModelForImageTextToText"
 # written by the staged save itself, or never pushed
-_NOT_COPIED = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-               "processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "preprocessor_config.json", "chat_template.jinja", "training_args.bin", "trainer_state.json")
+_NOT_COPIED = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+    "training_args.bin",
+    "trainer_state.json",
+)
 _NOT_COPIED_DIRS = ("assets", "runs")
 
 
@@ -64,8 +75,9 @@ def stage_for_push(output_dir: str, staging_dir: str) -> str:
         undo()
     extra = {k: v for k, v in info.items() if k not in ("vision_tower_weights", "vision_model_name_or_path")}
     extra[TOWER_HASH_KEY] = tower_weights_hash(model.vision_tower)
-    write_checkpoint_info(staging_dir, tower_saved=True,
-                          vision_model_name_or_path=info.get("vision_model_name_or_path"), **extra)
+    write_checkpoint_info(
+        staging_dir, tower_saved=True, vision_model_name_or_path=info.get("vision_model_name_or_path"), **extra
+    )
     for name in os.listdir(output_dir):
         source = os.path.join(output_dir, name)
         if name in _NOT_COPIED or name.endswith((".pt", ".pth", ".bin")) or name.startswith("checkpoint-"):

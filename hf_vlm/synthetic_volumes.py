@@ -33,10 +33,15 @@ from .synthetic import DEFAULT_PROMPT, SIZE_RANGE_MM
 
 LEVELS = {"膈顶": (0.08, 0.24), "肺门": (0.34, 0.48), "主动脉弓": (0.58, 0.70), "肺尖": (0.80, 0.93)}  # band of t
 LOBES_AT = {  # (side, level) -> lobes a nodule centre can lie in at that level
-    ("右", "膈顶"): ("中叶", "下叶"), ("右", "肺门"): ("中叶", "下叶"),
-    ("右", "主动脉弓"): ("上叶", "下叶"), ("右", "肺尖"): ("上叶",),
-    ("左", "膈顶"): ("上叶", "下叶"), ("左", "肺门"): ("上叶", "下叶"),
-    ("左", "主动脉弓"): ("上叶", "下叶"), ("左", "肺尖"): ("上叶",)}
+    ("右", "膈顶"): ("中叶", "下叶"),
+    ("右", "肺门"): ("中叶", "下叶"),
+    ("右", "主动脉弓"): ("上叶", "下叶"),
+    ("右", "肺尖"): ("上叶",),
+    ("左", "膈顶"): ("上叶", "下叶"),
+    ("左", "肺门"): ("上叶", "下叶"),
+    ("左", "主动脉弓"): ("上叶", "下叶"),
+    ("左", "肺尖"): ("上叶",),
+}
 HORIZONTAL_FISSURE_T = 0.53
 SLICE_RANGE = (32, 48)
 MIDDLE_KEEP = 0.1
@@ -118,8 +123,9 @@ def draw_study_facts(rng: np.random.Generator) -> tuple[str, str, int, str]:
     return side, lobes[int(rng.integers(len(lobes)))], int(rng.integers(SIZE_RANGE_MM[0], SIZE_RANGE_MM[1] + 1)), level
 
 
-def draw_study(rng: np.random.Generator, size: int = 64, pixel_mm: float = 1.5, slice_mm: float = 5.0,
-               noise_hu: float = 12.0):
+def draw_study(
+    rng: np.random.Generator, size: int = 64, pixel_mm: float = 1.5, slice_mm: float = 5.0, noise_hu: float = 12.0
+):
     """One study: (HU volume (X, Y, Z) int16, RAS affine, `StudyFacts`). The noise is most of the
     file size (gzip): about 180 KB a study at 12 HU, 17 KB without noise."""
     depth = int(rng.integers(SLICE_RANGE[0], SLICE_RANGE[1] + 1))
@@ -141,7 +147,9 @@ def draw_study(rng: np.random.Generator, size: int = 64, pixel_mm: float = 1.5, 
         ci, cj = (cu + 1) * size / 2 - 0.5, (cw + 1) * size / 2 - 0.5  # voxel coordinates
         ck = below + t * lung_slices - 0.5
         centre = vol[int(round(ci)), int(round(cj)), int(round(ck))]
-        touched = range(int(np.ceil(ck - (radius_mm / slice_mm + 0.5))), int(np.floor(ck + radius_mm / slice_mm + 0.5)) + 1)
+        touched = range(
+            int(np.ceil(ck - (radius_mm / slice_mm + 0.5))), int(np.floor(ck + radius_mm / slice_mm + 0.5)) + 1
+        )
         on_middle = middle in touched
         if -950 < centre < -500 and (not on_middle or rng.random() < MIDDLE_KEEP):
             break
@@ -151,8 +159,16 @@ def draw_study(rng: np.random.Generator, size: int = 64, pixel_mm: float = 1.5, 
     vol += rng.normal(0.0, noise_hu, vol.shape).astype(np.float32)
     affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
     affine[:3, 3] = [-(size - 1) / 2 * pixel_mm, -(size - 1) / 2 * pixel_mm, -(depth - 1) / 2 * slice_mm]
-    facts = StudyFacts(side, lobe, size_mm, level, int(round(ck)), bool(on_middle), (below, below + lung_slices),
-                       (int(round(ci)), int(round(cj))))
+    facts = StudyFacts(
+        side,
+        lobe,
+        size_mm,
+        level,
+        int(round(ck)),
+        bool(on_middle),
+        (below, below + lung_slices),
+        (int(round(ci)), int(round(cj))),
+    )
     return np.clip(np.rint(vol), -1024, 3071).astype(np.int16), affine, facts
 
 
@@ -160,8 +176,8 @@ def _add_nodule(vol, centre, radius_mm, pixel_mm, slice_mm, hu):
     """A sphere with exact partial volume along z (the part of each 5 mm slab it fills)."""
     ci, cj, ck = centre
     i, j = np.arange(vol.shape[0])[:, None], np.arange(vol.shape[1])[None, :]
-    rho2 = ((i - ci) ** 2 + (j - cj) ** 2) * pixel_mm ** 2
-    half_chord = np.sqrt(np.clip(radius_mm ** 2 - rho2, 0, None))  # (X, Y) mm
+    rho2 = ((i - ci) ** 2 + (j - cj) ** 2) * pixel_mm**2
+    half_chord = np.sqrt(np.clip(radius_mm**2 - rho2, 0, None))  # (X, Y) mm
     for k in range(vol.shape[2]):
         lo, hi = (k - 0.5 - ck) * slice_mm, (k + 0.5 - ck) * slice_mm
         frac = np.clip(np.minimum(hi, half_chord) - np.maximum(lo, -half_chord), 0, None) / slice_mm
@@ -171,16 +187,32 @@ def _add_nodule(vol, centre, radius_mm, pixel_mm, slice_mm, hu):
 
 def write_study_report(facts: StudyFacts, rng: np.random.Generator) -> str:
     body = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))].format(
-        side=facts.side, lobe=facts.lobe, size=facts.size_mm, level=facts.level)
+        side=facts.side, lobe=facts.lobe, size=facts.size_mm, level=facts.level
+    )
     return body + _TAILS[int(rng.integers(len(_TAILS)))]
 
 
-CSV_COLUMNS = ("image_path", "prompt", "caption", "side", "lobe", "size_mm", "level", "nodule_slice", "num_slices",
-               "on_middle_slice", "lung_start", "lung_stop", "nodule_x", "nodule_y")
+CSV_COLUMNS = (
+    "image_path",
+    "prompt",
+    "caption",
+    "side",
+    "lobe",
+    "size_mm",
+    "level",
+    "nodule_slice",
+    "num_slices",
+    "on_middle_slice",
+    "lung_start",
+    "lung_stop",
+    "nodule_x",
+    "nodule_y",
+)
 
 
-def make_synthetic_studies(out_dir: str, n: int, seed: int = 0, image_size: int = 64, split: str = "train",
-                           noise_hu: float = 12.0) -> str:
+def make_synthetic_studies(
+    out_dir: str, n: int, seed: int = 0, image_size: int = 64, split: str = "train", noise_hu: float = 12.0
+) -> str:
     """Write `n` studies as `.nii.gz` and `<split>.csv` (`CSV_COLUMNS`); study i depends only on (seed, i)."""
     import nibabel as nib
 
@@ -197,19 +229,41 @@ def make_synthetic_studies(out_dir: str, n: int, seed: int = 0, image_size: int 
             image = nib.Nifti1Image(volume, affine)
             image.header.set_xyzt_units("mm")
             nib.save(image, path)
-            writer.writerow([path, DEFAULT_PROMPT, write_study_report(facts, rng), facts.side, facts.lobe,
-                             facts.size_mm, facts.level, facts.nodule_slice, volume.shape[2], int(facts.on_middle_slice),
-                             *facts.lung_extent, *facts.nodule_xy])
+            writer.writerow(
+                [
+                    path,
+                    DEFAULT_PROMPT,
+                    write_study_report(facts, rng),
+                    facts.side,
+                    facts.lobe,
+                    facts.size_mm,
+                    facts.level,
+                    facts.nodule_slice,
+                    volume.shape[2],
+                    int(facts.on_middle_slice),
+                    *facts.lung_extent,
+                    *facts.nodule_xy,
+                ]
+            )
     return csv_path
 
 
 def read_study_facts(csv_path: str) -> list[StudyFacts]:
     """The true facts of each row of a CSV written by `make_synthetic_studies`."""
     with open(csv_path, encoding="utf-8", newline="") as handle:
-        return [StudyFacts(r["side"], r["lobe"], int(r["size_mm"]), r["level"], int(r["nodule_slice"]),
-                           r["on_middle_slice"] == "1", (int(r["lung_start"]), int(r["lung_stop"])),
-                           (int(r["nodule_x"]), int(r["nodule_y"])))
-                for r in csv.DictReader(handle)]
+        return [
+            StudyFacts(
+                r["side"],
+                r["lobe"],
+                int(r["size_mm"]),
+                r["level"],
+                int(r["nodule_slice"]),
+                r["on_middle_slice"] == "1",
+                (int(r["lung_start"]), int(r["lung_stop"])),
+                (int(r["nodule_x"]), int(r["nodule_y"])),
+            )
+            for r in csv.DictReader(handle)
+        ]
 
 
 def restrict_to_middle_slice(settings):
@@ -231,8 +285,11 @@ def parse_study_facts(report: str) -> StudyFacts | None:
 
 def _joint_distribution() -> dict[tuple[str, str, str], float]:
     """P(side, lobe, level) of `draw_study`: uniform side and level, then a uniform allowed lobe."""
-    return {(side, lobe, level): 0.5 / len(LEVELS) / len(lobes)
-            for (side, level), lobes in LOBES_AT.items() for lobe in lobes}
+    return {
+        (side, lobe, level): 0.5 / len(LEVELS) / len(lobes)
+        for (side, level), lobes in LOBES_AT.items()
+        for lobe in lobes
+    }
 
 
 def study_chance_accuracy() -> dict[str, float]:

@@ -43,8 +43,10 @@ def lock_versions() -> dict[str, str]:
 
 
 def installed_versions(python: str) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json; "
-            f"print(json.dumps({{n: m.version(n) for n in {list(WATCHED) + ['torch']!r}}}))")
+    code = (
+        "import importlib.metadata as m, json; "
+        f"print(json.dumps({{n: m.version(n) for n in {list(WATCHED) + ['torch']!r}}}))"
+    )
     import json
 
     return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -58,16 +60,28 @@ def build_venv(kind: str) -> str:
     if sh([python, "-c", "import torch"], check=False, capture_output=True).returncode != 0:
         sh([python, "-m", "pip", "install", "-q", TORCH_SPEC])
     if kind == "latest":  # newest releases the declared ranges allow, whatever the lock says
-        sh([python, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-e",
-            f".[{EXTRAS}]", *WATCHED])
+        sh(
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--upgrade",
+                "--upgrade-strategy",
+                "eager",
+                "-e",
+                f".[{EXTRAS}]",
+                *WATCHED,
+            ]
+        )
     else:
         sh([python, "-m", "pip", "install", "-q", "-c", "requirements/lowest.txt", "-e", f".[{EXTRAS}]"])
     return python
 
 
 def run_tests(python: str, *extra: str) -> int:
-    return sh([python, "-m", "pytest", "-m", "not slow", "-q", *extra],
-              check=False).returncode
+    return sh([python, "-m", "pytest", "-m", "not slow", "-q", *extra], check=False).returncode
 
 
 def blame(python: str, installed: dict[str, str], locked: dict[str, str]) -> list[str]:
@@ -78,8 +92,10 @@ def blame(python: str, installed: dict[str, str], locked: dict[str, str]) -> lis
             continue
         sh([python, "-m", "pip", "install", "-q", f"{name}=={locked[name]}"], check=False)
         fixed = run_tests(python, "--last-failed", "--last-failed-no-failures", "none") == 0
-        lines.append(f"  {name} {installed[name]} (lock {locked[name]}): "
-                     + ("rolling it back fixes the failures -> it broke them" if fixed else "not the cause alone"))
+        lines.append(
+            f"  {name} {installed[name]} (lock {locked[name]}): "
+            + ("rolling it back fixes the failures -> it broke them" if fixed else "not the cause alone")
+        )
         sh([python, "-m", "pip", "install", "-q", f"{name}=={installed[name]}"], check=False)
     return lines
 
@@ -99,8 +115,10 @@ def main() -> int:
     print(f"\ncanary ({args.kind}): FAIL with {versions} (the failed tests are listed above)")
     for line in blame(python, installed, locked) if args.kind == "latest" else []:
         print(line)
-    print("The lock (make test) is what CI's main result and `make demo` use; a newcomer who runs "
-          "`pip install hf_vlm` without it would hit these failures.")
+    print(
+        "The lock (make test) is what CI's main result and `make demo` use; a newcomer who runs "
+        "`pip install hf_vlm` without it would hit these failures."
+    )
     return code
 
 

@@ -32,6 +32,8 @@ if __name__ == "__main__":
     if not [a for a in argv if not a.startswith("-")]:
         found = _inputs_from_paths_yaml()
         if not found:
-            sys.exit("usage: clean_caption_csv.py INPUT.csv [options]  (or run where config/paths.yaml names caption_csv_train)")
+            sys.exit(
+                "usage: clean_caption_csv.py INPUT.csv [options]  (or run where config/paths.yaml names caption_csv_train)"  # noqa: E501
+            )
         argv = found + argv
     sys.exit(main(argv))

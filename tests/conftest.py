@@ -102,9 +102,18 @@ def make_args():
 
     def build(out, **overrides):
         kwargs = dict(
-            output_dir=str(out), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-            logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-            vision_probe=False, plot_loss=False, seed=0,
+            output_dir=str(out),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,
+            logging_steps=1,
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            vision_probe=False,
+            plot_loss=False,
+            seed=0,
         )
         kwargs.update(overrides)
         return MambaVLMTrainingArguments(**kwargs)
@@ -119,8 +128,7 @@ def micro_trainer(micro_processor, micro_config, make_args, csvs):
     from hf_vlm.data.encoding import load_training_dataset
     from hf_vlm.training import MambaVLMTrainer
 
-    def build(out, model=None, collator=None, eval_data=False, config_overrides=None, trainer_kwargs=None,
-              **overrides):
+    def build(out, model=None, collator=None, eval_data=False, config_overrides=None, trainer_kwargs=None, **overrides):
         torch.manual_seed(0)
         if model is None:
             model = MambaVLMForConditionalGeneration(micro_config(**(config_overrides or {})))
@@ -152,9 +160,12 @@ def tiny_checkpoint():
         processor = MambaVLMProcessor.from_pretrained(assets.processor_path)
         torch.manual_seed(0)
         model = MambaVLMForConditionalGeneration.from_components(
-            assets.vision_path, assets.llm_path, max_visual_tokens=processor.max_visual_tokens,
+            assets.vision_path,
+            assets.llm_path,
+            max_visual_tokens=processor.max_visual_tokens,
             image_token_id=processor.image_token_id,
-            llm_quantization_config=bnb_quantization_config() if llm_8bit else None)
+            llm_quantization_config=bnb_quantization_config() if llm_8bit else None,
+        )
         if not llm_8bit:
             with torch.no_grad():
                 model.get_input_embeddings().weight.normal_(0, 1.0)
@@ -165,7 +176,9 @@ def tiny_checkpoint():
                     layer.mixer.out_proj.weight.normal_(0, 0.3)
             for config in (model.config, model.config.text_config, model.language_model.config):
                 config.tie_word_embeddings = False
-            model.language_model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.language_model.lm_head.weight))
+            model.language_model.lm_head.weight = torch.nn.Parameter(
+                torch.randn_like(model.language_model.lm_head.weight)
+            )
         checkpoint = root / ("ckpt8" if llm_8bit else "ckpt")
         model.save_pretrained(checkpoint)
         processor.save_pretrained(checkpoint)

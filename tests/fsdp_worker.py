@@ -23,8 +23,10 @@ class RecordGroups(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         names = {id(p): n for n, p in model.named_parameters()}
-        self.groups = [{"name": g.get("name"), "lr": g["lr"], "params": [names.get(id(p), "?") for p in g["params"]]}
-                       for g in optimizer.param_groups]
+        self.groups = [
+            {"name": g.get("name"), "lr": g["lr"], "params": [names.get(id(p), "?") for p in g["params"]]}
+            for g in optimizer.param_groups
+        ]
         self.trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
 
@@ -49,18 +51,36 @@ def main(root: str, assets: str) -> None:
     from hf_vlm.training.run import train_from_recipe
 
     common = {
-        "tiny_preset": "micro", "max_visual_tokens": 4, "synthetic_train_rows": 32, "synthetic_eval_rows": 0,
-        "synthetic_lm_steps": 5, "synthetic_dir": assets, "per_device_train_batch_size": 2, "logging_steps": 1,
-        "warmup_steps": 0, "plot_loss": False, "seed": 0, "use_cpu": True, "stage": "finetune",
-        "unfreeze_llm_layers": 1, "bridge_learning_rate": 2e-3, "llm_learning_rate": 5e-4, "learning_rate": 1e-4,
-        "save_strategy": "steps", "save_steps": 1, "freeze_check_steps": 2,
+        "tiny_preset": "micro",
+        "max_visual_tokens": 4,
+        "synthetic_train_rows": 32,
+        "synthetic_eval_rows": 0,
+        "synthetic_lm_steps": 5,
+        "synthetic_dir": assets,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "warmup_steps": 0,
+        "plot_loss": False,
+        "seed": 0,
+        "use_cpu": True,
+        "stage": "finetune",
+        "unfreeze_llm_layers": 1,
+        "bridge_learning_rate": 2e-3,
+        "llm_learning_rate": 5e-4,
+        "learning_rate": 1e-4,
+        "save_strategy": "steps",
+        "save_steps": 1,
+        "freeze_check_steps": 2,
     }
     record = RecordGroups()
-    a = train_from_recipe("tiny_demo", {**common, "max_steps": 3, "output_dir": os.path.join(root, "a")},
-                          callbacks=[record])
+    a = train_from_recipe(
+        "tiny_demo", {**common, "max_steps": 3, "output_dir": os.path.join(root, "a")}, callbacks=[record]
+    )
     model, processor = a["model"], a["processor"]
-    image = sorted(os.path.join(assets, "data", "images", "train", f) for f in
-                   os.listdir(os.path.join(assets, "data", "images", "train")))[0]
+    image = sorted(
+        os.path.join(assets, "data", "images", "train", f)
+        for f in os.listdir(os.path.join(assets, "data", "images", "train"))
+    )[0]
     inputs = processor(images=[[Image.open(image).convert("RGB")]], text=[None])
     model.eval()
     with torch.no_grad():
@@ -69,15 +89,28 @@ def main(root: str, assets: str) -> None:
     from accelerate.state import AcceleratorState
 
     sharding = f"{AcceleratorState().distributed_type}, fsdp_version {AcceleratorState().fsdp_plugin.fsdp_version}"
-    b = train_from_recipe("tiny_demo", {**common, "max_steps": 6, "output_dir": os.path.join(root, "b")},
-                          callbacks=[NanOnRank1()])
-    finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                 for p in b["model"].parameters() if p.is_floating_point())
+    b = train_from_recipe(
+        "tiny_demo", {**common, "max_steps": 6, "output_dir": os.path.join(root, "b")}, callbacks=[NanOnRank1()]
+    )
+    finite = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+        for p in b["model"].parameters()
+        if p.is_floating_point()
+    )
     result = {
-        "sharding": sharding, "groups": record.groups, "trainable": record.trainable, "a_trips": a["guard_trips"], "a_step": a["global_step"],
-        "a_saved": a["saved"], "world_size": a["world_size"], "b_step": b["global_step"],
-        "b_nonfinite_step": b["nonfinite_step"], "b_last_good": b["last_good_checkpoint"], "b_saved": b["saved"],
-        "b_finite": finite, "b_trips": b["guard_trips"],
+        "sharding": sharding,
+        "groups": record.groups,
+        "trainable": record.trainable,
+        "a_trips": a["guard_trips"],
+        "a_step": a["global_step"],
+        "a_saved": a["saved"],
+        "world_size": a["world_size"],
+        "b_step": b["global_step"],
+        "b_nonfinite_step": b["nonfinite_step"],
+        "b_last_good": b["last_good_checkpoint"],
+        "b_saved": b["saved"],
+        "b_finite": finite,
+        "b_trips": b["guard_trips"],
     }
     with open(os.path.join(root, f"result_{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)

@@ -72,8 +72,17 @@ def _ids(batch=2, length=12, seed=1):
 def test_unsupported_model_type_lists_the_supported_ones():
     with pytest.raises(ValueError, match=r"'llama' is not supported!.*mamba, falcon_mamba, mamba2, falcon_h1"):
         get_family("llama")
-    assert set(TYPES) == {"mamba", "falcon_mamba", "mamba2", "falcon_h1", "granitemoehybrid", "bamba", "zamba2",
-                          "nemotron_h", "jamba"}
+    assert set(TYPES) == {
+        "mamba",
+        "falcon_mamba",
+        "mamba2",
+        "falcon_h1",
+        "granitemoehybrid",
+        "bamba",
+        "zamba2",
+        "nemotron_h",
+        "jamba",
+    }
 
 
 def test_static_facts_match_the_modules(saved):
@@ -129,7 +138,7 @@ def _left_padded(pad_id: int):
     ids = torch.full((3, 12), pad_id)
     mask = torch.zeros(3, 12, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, 12 - len(p):], mask[i, 12 - len(p):] = p, 1
+        ids[i, 12 - len(p) :], mask[i, 12 - len(p) :] = p, 1
     return prompts, ids, mask
 
 
@@ -149,9 +158,17 @@ def _generate(model, ids, mask, drop_decode_mask=False, drop_position_ids=False)
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
-                                 do_sample=False, use_cache=True, pad_token_id=_pad_id(model),
-                                 return_dict_in_generate=True, output_logits=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=6,
+                min_new_tokens=6,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=_pad_id(model),
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
     finally:
         handle.remove()
     return out, lengths
@@ -169,7 +186,7 @@ def test_batched_left_padded_greedy_equals_one_by_one_with_the_family_cache(save
     for i, prompt in enumerate(prompts):
         single, single_lengths = _generate(model, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
         assert single_lengths == [len(prompt)] + [1] * 5
-        assert torch.equal(batched.sequences[i, 12:], single.sequences[0, len(prompt):])
+        assert torch.equal(batched.sequences[i, 12:], single.sequences[0, len(prompt) :])
         for step in range(6):
             torch.testing.assert_close(batched.logits[step][i], single.logits[step][0], rtol=1e-4, atol=1e-5)
 
@@ -253,8 +270,13 @@ def test_refused_targets_are_refused_with_the_reason(saved, monkeypatch):
         family.validate_lora_targets(["lm_head_typo"])
     # each reason reproduced: the fused kernels read exactly the refused Linear / conv weights raw
     read = set(_fused_weight_reads(model, monkeypatch))
-    expected = {"x_proj", "dt_proj", "out_proj", "conv1d"} if family.model_type in ("mamba", "falcon_mamba") else \
-        set() if family.model_type == "jamba" else {"out_proj", "conv1d"}
+    expected = (
+        {"x_proj", "dt_proj", "out_proj", "conv1d"}
+        if family.model_type in ("mamba", "falcon_mamba")
+        else set()
+        if family.model_type == "jamba"
+        else {"out_proj", "conv1d"}
+    )
     assert read == expected and read <= set(family.lora_refused_targets)
     present = {n.split(".")[-1] for n, _ in model.named_modules()}
     for target in family.lora_refused_targets.keys() & present:
@@ -337,7 +359,9 @@ needs_bnb = pytest.mark.skipif(_bnb_cpu_problem() is not None, reason=str(_bnb_c
 def _quantised_leaves(model) -> set[str]:
     import bitsandbytes as bnb
 
-    return {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}
+    return {
+        n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    }
 
 
 @needs_bnb
@@ -370,13 +394,16 @@ def test_each_int8_skip_is_a_weight_the_fused_kernel_reads(saved, monkeypatch):
 
     family, path, _ = saved
     lm = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"]))
+        path, quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    )
     try:
         reads = _fused_weight_reads(lm, monkeypatch)
     except RuntimeError as error:  # Mamba's torch path then fails on its raw dt_proj matmul
         assert family.model_type == "mamba" and "expected scalar type Float but found Char" in str(error)
         reads = {"x_proj": torch.int8, "dt_proj": torch.int8, "out_proj": torch.int8}
-    assert {n for n, dtype in reads.items() if not dtype.is_floating_point} == set(family.int8_skip_modules) - {"lm_head"}
+    assert {n for n, dtype in reads.items() if not dtype.is_floating_point} == set(family.int8_skip_modules) - {
+        "lm_head"
+    }
 
 
 def test_quantisation_without_bitsandbytes_is_refused_naming_the_family(monkeypatch):

@@ -22,15 +22,23 @@ def test_smoke_mode_prints_every_section(capsys):
     finally:
         torch.set_num_threads(threads)
     text = capsys.readouterr().out
-    for heading in ("## Correctness on this device", "## Scan and layer fwd+bwd", "## Generation",
-                    "## Stage-2 step", "## Targets"):
+    for heading in (
+        "## Correctness on this device",
+        "## Scan and layer fwd+bwd",
+        "## Generation",
+        "## Stage-2 step",
+        "## Targets",
+    ):
         assert heading in text, heading
     number = r"\d+\.\d+"
     for length in bench.SMOKE_LENGTHS:  # the CPU rungs produced numbers for the scan and the layer
         for rung in ("hf_vlm_chunked", "transformers_reference"):
-            assert re.search(rf"\| tiny \| {length} \| {rung} \| {number} \| n/a \| {number} \| {number} \| n/a \|",
-                             text), (length, rung)
-        assert re.search(rf"\| tiny \| {length} \| hf_vlm_triton \| not run: (needs CUDA tensors|triton not installed)", text)
+            assert re.search(
+                rf"\| tiny \| {length} \| {rung} \| {number} \| n/a \| {number} \| {number} \| n/a \|", text
+            ), (length, rung)
+        assert re.search(
+            rf"\| tiny \| {length} \| hf_vlm_triton \| not run: (needs CUDA tensors|triton not installed)", text
+        )
     assert re.search(rf"\| hf_vlm_chunked \| {number} \| {number} \|", text)  # generation
     assert re.search(rf"\| hf_vlm_chunked \| {number} \| n/a \|", text)  # stage-2 step
     assert "target <= 1.5x" in text and "target >= 20x" in text and "target <= 12 GB" in text

@@ -14,8 +14,9 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, MambaForCausalLM
 
 from hf_vlm import MambaVLMForConditionalGeneration
 
-QFORMER = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
-               cross_attention_frequency=1)
+QFORMER = dict(
+    hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, cross_attention_frequency=1
+)
 
 
 def _write_blip2_checkpoint(folder, vision_width: int) -> dict[str, torch.Tensor]:
@@ -36,17 +37,24 @@ def test_load_blip2_weights_adapts_shapes_and_reports_what_it_skipped(tmp_path, 
     blip2 = _write_blip2_checkpoint(tmp_path / "blip2", base.vision_config.hidden_size)
     with caplog.at_level("INFO", logger="hf_vlm.bridges"):
         model = MambaVLMForConditionalGeneration.from_components(
-            ViTModel(base.vision_config, add_pooling_layer=False), MambaForCausalLM(base.text_config),
-            bridge_type="qformer", max_visual_tokens=4, image_token_id=base.image_token_id,
-            qformer_config=QFORMER, qformer_init_from=str(tmp_path / "blip2"),
+            ViTModel(base.vision_config, add_pooling_layer=False),
+            MambaForCausalLM(base.text_config),
+            bridge_type="qformer",
+            max_visual_tokens=4,
+            image_token_id=base.image_token_id,
+            qformer_config=QFORMER,
+            qformer_init_from=str(tmp_path / "blip2"),
         )
     bridge = model.bridge
     assert model.config.qformer_locality_bias == 0.0  # BLIP-2's queries were trained without it
     report = bridge.load_blip2_weights(str(tmp_path / "blip2"))  # the same load again, to read its report
     own = bridge.state_dict()
     # same shape: copied exactly
-    for key in ("qformer.layernorm.weight", "qformer.encoder.layer.0.attention.attention.query.weight",
-                "qformer.encoder.layer.0.crossattention.attention.query.weight"):
+    for key in (
+        "qformer.layernorm.weight",
+        "qformer.encoder.layer.0.attention.attention.query.weight",
+        "qformer.encoder.layer.0.crossattention.attention.query.weight",
+    ):
         assert key in report["loaded"] and torch.equal(own[key], blip2[key]), key
     # 32 BLIP-2 queries resampled to the 4-token budget, ends kept in order
     assert "query_tokens" in report["loaded"] and own["query_tokens"].shape == (1, 4, 32)

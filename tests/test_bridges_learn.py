@@ -30,21 +30,35 @@ def assets(tmp_path_factory):
 
 def _train(bridge_type: str, assets: str, out) -> None:
     overrides = {
-        "bridge_type": bridge_type, "max_steps": STEPS, "warmup_steps": 10, "synthetic_dir": assets,
-        "synthetic_train_rows": 400, "synthetic_eval_rows": 40, "synthetic_lm_steps": 100,
-        "output_dir": str(out), "eval_strategy": "steps", "eval_steps": STEPS, "eval_samples": 0,
-        "vision_probe_batches": 2, "save_strategy": "no", "plot_loss": False, "logging_steps": 50,
+        "bridge_type": bridge_type,
+        "max_steps": STEPS,
+        "warmup_steps": 10,
+        "synthetic_dir": assets,
+        "synthetic_train_rows": 400,
+        "synthetic_eval_rows": 40,
+        "synthetic_lm_steps": 100,
+        "output_dir": str(out),
+        "eval_strategy": "steps",
+        "eval_steps": STEPS,
+        "eval_samples": 0,
+        "vision_probe_batches": 2,
+        "save_strategy": "no",
+        "plot_loss": False,
+        "logging_steps": 50,
     }
     assert main(["train", "tiny_demo", *[p for k, v in overrides.items() for p in (f"--{k}", str(v))]]) == 0
 
 
-BLIND = {"qformer": "issue 16 open: the Q-Former is still blind inside the LM pipeline (eval_vision_gap 1e-6 at "
-                    "step 400 of the tiny demo) although it carries side+lobe to a linear probe (0.97 in 300 steps)"}
+BLIND = {
+    "qformer": "issue 16 open: the Q-Former is still blind inside the LM pipeline (eval_vision_gap 1e-6 at "
+    "step 400 of the tiny demo) although it carries side+lobe to a linear probe (0.97 in 300 steps)"
+}
 
 
-@pytest.mark.parametrize("bridge_type", [
-    pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=BLIND[b])) if b in BLIND else b for b in BRIDGE_TYPES
-])
+@pytest.mark.parametrize(
+    "bridge_type",
+    [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=BLIND[b])) if b in BLIND else b for b in BRIDGE_TYPES],
+)
 def test_bridge_learns_to_see_on_synthetic_ct(bridge_type, assets, tmp_path):
     out = tmp_path / bridge_type
     _train(bridge_type, assets, out)

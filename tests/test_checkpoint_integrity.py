@@ -20,8 +20,11 @@ from hf_vlm import MambaVLMForConditionalGeneration
 def _finite_on_disk(path) -> bool:
     from safetensors.torch import load_file
 
-    return all(bool(torch.isfinite(t).all()) for t in load_file(os.path.join(path, "model.safetensors")).values()
-               if t.is_floating_point())
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in load_file(os.path.join(path, "model.safetensors")).values()
+        if t.is_floating_point()
+    )
 
 
 def _checkpoints(out) -> list[str]:
@@ -61,8 +64,9 @@ def test_nan_loss_is_logged_as_nan_and_its_checkpoint_is_not_last(micro_trainer,
         return output
 
     model.bridge.register_forward_hook(nan_from_step_3)
-    trainer = micro_trainer(tmp_path, model=model, max_steps=6, save_strategy="steps", save_steps=1,
-                            bridge_learning_rate=1e-2)
+    trainer = micro_trainer(
+        tmp_path, model=model, max_steps=6, save_strategy="steps", save_steps=1, bridge_learning_rate=1e-2
+    )
     trainer.train()
     assert trainer.nonfinite_step == 3
     with open(tmp_path / "train_log.csv", encoding="utf-8", newline="") as handle:
@@ -96,8 +100,9 @@ def test_resume_skips_a_half_written_checkpoint(micro_trainer, tmp_path, monkeyp
         return original(self, output_dir)
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", dies_at_step_3)
-    trainer = micro_trainer(tmp_path, max_steps=5, save_strategy="steps", save_steps=1, save_total_limit=1,
-                            bridge_learning_rate=1e-2)
+    trainer = micro_trainer(
+        tmp_path, max_steps=5, save_strategy="steps", save_steps=1, save_total_limit=1, bridge_learning_rate=1e-2
+    )
     with pytest.raises(KilledDuringSave):
         trainer.train()
     assert (tmp_path / "checkpoint-2").is_dir() and (tmp_path / "checkpoint-3").is_dir()
@@ -111,8 +116,15 @@ def test_resume_skips_a_half_written_checkpoint(micro_trainer, tmp_path, monkeyp
         resume_target(args)
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", original)
-    resumed = micro_trainer(tmp_path, max_steps=5, save_strategy="steps", save_steps=1, save_total_limit=1,
-                            bridge_learning_rate=1e-2, resume_from_checkpoint="last")
+    resumed = micro_trainer(
+        tmp_path,
+        max_steps=5,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+        bridge_learning_rate=1e-2,
+        resume_from_checkpoint="last",
+    )
     resumed.train(resume_from_checkpoint=resume_target(resumed.args))
     assert resumed.state.global_step == 5
     assert resumed.last_good_checkpoint() == str(tmp_path / "checkpoint-5")
@@ -129,8 +141,18 @@ def test_generate_refuses_a_checkpoint_with_nonfinite_weights(tiny_checkpoint, t
     weights[name] = torch.full_like(weights[name], float("inf"))
     save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
     image = sorted((tmp_path / "assets" / "data" / "images" / "eval").glob("*.png"))[0]
-    code = main(["generate", "--checkpoint", str(checkpoint), "--images", str(image), "--output",
-                 str(tmp_path / "reports.csv"), "--no_progress"])
+    code = main(
+        [
+            "generate",
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(image),
+            "--output",
+            str(tmp_path / "reports.csv"),
+            "--no_progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "NaN/Inf weights" in err and name in err
     assert not (tmp_path / "reports.csv").exists()

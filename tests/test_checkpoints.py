@@ -57,8 +57,12 @@ def test_checkpoint_without_the_frozen_tower_round_trips(micro_config, tmp_path,
 def test_checkpoint_keeps_a_trainable_tower(tmp_path, micro_model):
     from hf_vlm.checkpoints import read_checkpoint_info, save_vlm_checkpoint
 
-    save_vlm_checkpoint(micro_model, str(tmp_path), save_frozen_vision_weights=False,
-                        vision_model_name_or_path="openai/clip-vit-large-patch14")
+    save_vlm_checkpoint(
+        micro_model,
+        str(tmp_path),
+        save_frozen_vision_weights=False,
+        vision_model_name_or_path="openai/clip-vit-large-patch14",
+    )
     assert json.loads((tmp_path / "hf_vlm_checkpoint.json").read_text())["vision_tower_weights"] == "included"
     assert read_checkpoint_info(str(tmp_path))["vision_tower_weights"] == "included"
 
@@ -75,7 +79,9 @@ def test_build_model_from_init_from_and_from_scratch(tmp_path, micro_model, micr
     assert torch.equal(loaded.bridge.linear_1.weight, micro_model.bridge.linear_1.weight)
 
     torch.manual_seed(123)
-    fresh = build_model(ModelArguments(init_from=str(tmp_path), max_visual_tokens=k, from_scratch=True), micro_processor)
+    fresh = build_model(
+        ModelArguments(init_from=str(tmp_path), max_visual_tokens=k, from_scratch=True), micro_processor
+    )
     assert not torch.equal(fresh.bridge.linear_1.weight, micro_model.bridge.linear_1.weight)
     llm = micro_model.language_model.get_input_embeddings().weight
     assert torch.equal(fresh.language_model.get_input_embeddings().weight, llm)

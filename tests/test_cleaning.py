@@ -19,7 +19,7 @@ from hf_vlm.data import text_cleaning as tc
 from hf_vlm.data.cleaning import REASONS, CleaningConfig, clean_captions, clean_row
 
 GOOD = "右肺上叶见一磨玻璃结节，大小约8mm×6mm，边界清晰。"
-LONG = "右肺下叶背段见分叶状实性结节，边缘可见毛刺及胸膜牵拉，大小约18mm×15mm，增强扫描不均匀强化，纵隔内见多发肿大淋巴结，较大者短径约12mm。"
+LONG = "右肺下叶背段见分叶状实性结节，边缘可见毛刺及胸膜牵拉，大小约18mm×15mm，增强扫描不均匀强化，纵隔内见多发肿大淋巴结，较大者短径约12mm。"  # noqa: E501
 NORMAL = "双肺未见明显异常。"
 KEEP, NORMAL_CAPPED = "", "normal?"  # NORMAL_CAPPED: kept or normal_report_over_cap
 
@@ -27,10 +27,25 @@ KEEP, NORMAL_CAPPED = "", "normal?"  # NORMAL_CAPPED: kept or normal_report_over
 # with "ok" exist; "win\\..." exists through path_map; anything else is missing.
 CASES = [
     ("ok0.png", GOOD, KEEP, GOOD),
-    ("ok1.png", "左肺下叶背段见实性结节，直径约5mm。如有疑问请拨打客服电话400-800-1234。", KEEP, "左肺下叶背段见实性结节，直径约5mm。"),
+    (
+        "ok1.png",
+        "左肺下叶背段见实性结节，直径约5mm。如有疑问请拨打客服电话400-800-1234。",
+        KEEP,
+        "左肺下叶背段见实性结节，直径约5mm。",
+    ),
     ("ok2.png", "右肺中叶见索条影。详情请访问 www.example.com 查看。", KEEP, "右肺中叶见索条影。"),
-    ("ok3.png", "左肺上叶尖后段见钙化灶，联系邮箱 report@hospital.cn，手机13812345678。", KEEP, "左肺上叶尖后段见钙化灶。"),
-    ("ok4.png", "右肺下叶(外基底段)见结节,大小约３.５ｍｍ;边界清.", KEEP, "右肺下叶（外基底段）见结节，大小约3.5mm；边界清。"),
+    (
+        "ok3.png",
+        "左肺上叶尖后段见钙化灶，联系邮箱 report@hospital.cn，手机13812345678。",
+        KEEP,
+        "左肺上叶尖后段见钙化灶。",
+    ),
+    (
+        "ok4.png",
+        "右肺下叶(外基底段)见结节,大小约３.５ｍｍ;边界清.",
+        KEEP,
+        "右肺下叶（外基底段）见结节，大小约3.5mm；边界清。",
+    ),
     ("ok5.png", "扫码关注公众号，添加微信客服获取完整报告！", "boilerplate_only", None),
     ("ok6.png", "电话：010-12345678  https://x.cn/a", "boilerplate_only", None),
     ("ok7.png", "胸膜增厚粘连。".encode().decode("cp1252"), KEEP, "胸膜增厚粘连。"),
@@ -38,7 +53,12 @@ CASES = [
     ("ok9.png", "左肺下叶见斑片影，边缘模糊。".encode("gbk").decode("latin-1"), KEEP, "左肺下叶见斑片影，边缘模糊。"),
     ("ok10.png", "纵隔内未见肿大淋巴结".encode().decode("gbk"), KEEP, "纵隔内未见肿大淋巴结"),
     ("ok11.png", GOOD.encode().decode("cp1252", "replace"), "mojibake_unrepairable", None),
-    ("ok12.png", "右肺上叶见一磨玻璃结节，大小约8mm。".encode().decode("gbk", "replace"), "mojibake_unrepairable", None),
+    (
+        "ok12.png",
+        "右肺上叶见一磨玻璃结节，大小约8mm。".encode().decode("gbk", "replace"),
+        "mojibake_unrepairable",
+        None,
+    ),
     ("ok13.png", "锟斤拷锟斤拷右肺结节", "mojibake_unrepairable", None),
     ("missing1.png", "左肺上叶舌段见小结节，约3mm。", "image_missing", None),
     ("win\\ct\\w1.png", "右肺中叶内侧段见结节，约6mm。", KEEP, "右肺中叶内侧段见结节，约6mm。"),
@@ -59,12 +79,22 @@ CASES = [
     ("", GOOD, "missing_image_path", None),
     ("ok23.png", "今天天气很好，我们去公园散步吧。", "not_a_report", None),
     ("ok24.png", "lorem ipsum dolor sit amet", "not_a_report", None),
-    ("ok25.png; ok26.png", "两肺多发结节，较大者位于右肺下叶，约9mm。", KEEP, "两肺多发结节，较大者位于右肺下叶，约9mm。"),
+    (
+        "ok25.png; ok26.png",
+        "两肺多发结节，较大者位于右肺下叶，约9mm。",
+        KEEP,
+        "两肺多发结节，较大者位于右肺下叶，约9mm。",
+    ),
     ("ok27.png;missing2.png", "右肺上叶前段见结节，约4mm。", "image_missing", None),
 ] + [(f"okn{i}.png", NORMAL if i % 2 else "双肺未见异常，纵隔未见肿大淋巴结。", NORMAL_CAPPED, None) for i in range(12)]
 
-CONFIG = dict(drop_missing_paths=True, max_answer_chars=200, require_keywords="结节|mm|肺|段|病灶|纵隔|胸膜",
-              max_normal_fraction=0.25, seed=7)
+CONFIG = dict(
+    drop_missing_paths=True,
+    max_answer_chars=200,
+    require_keywords="结节|mm|肺|段|病灶|纵隔|胸膜",
+    max_normal_fraction=0.25,
+    seed=7,
+)
 
 
 def write_csv(path: Path, rows, encoding="utf-8", header=("image_path", "caption", "hospital")):
@@ -92,7 +122,9 @@ def read(path) -> pd.DataFrame:
 def dirty(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dirty")
     make_images(folder)
-    rows = [(("D:\\" + img) if img.startswith("win") else img, cap, f"h{i % 3}") for i, (img, cap, *_) in enumerate(CASES)]
+    rows = [
+        (("D:\\" + img) if img.startswith("win") else img, cap, f"h{i % 3}") for i, (img, cap, *_) in enumerate(CASES)
+    ]
     csv_path = write_csv(folder / "captions.csv", rows)
     config = CleaningConfig(**CONFIG, path_map=f"D:/={folder / 'd_drive'}/")
     report = clean_captions(csv_path, folder / "out1", config, verbose=False)
@@ -105,7 +137,7 @@ def test_every_row_exactly_once_with_expected_reason(dirty):
     ids = [int(i) for i in clean.row_id] + [int(i) for i in rejects.row_id]
     assert sorted(ids) == list(range(len(CASES)))  # nothing lost, nothing twice
     got = {int(r): "" for r in clean.row_id} | dict(zip(map(int, rejects.row_id), rejects.reason))
-    for i, (img, cap, expected, _) in enumerate(CASES):
+    for i, (_img, cap, expected, _) in enumerate(CASES):
         if expected == NORMAL_CAPPED:
             assert got[i] in ("", "normal_report_over_cap"), (i, cap)
         else:
@@ -153,8 +185,9 @@ def test_num_proc_2_matches_num_proc_1(dirty, monkeypatch):
 
 
 def test_map_function_pickles_for_spawn():
-    fn = functools.partial(clean_row, cfg=CleaningConfig(), image_col="image_path", text_col="caption",
-                           prompt_col=None, base_dir=".")
+    fn = functools.partial(
+        clean_row, cfg=CleaningConfig(), image_col="image_path", text_col="caption", prompt_col=None, base_dir="."
+    )
     out = pickle.loads(pickle.dumps(fn))({"image_path": "a.png", "caption": GOOD}, 0)
     assert out["caption"] == GOOD and out["reason"] == ""
 
@@ -178,12 +211,17 @@ def test_gbk_and_bom_csv_and_prompt_column(tmp_path):
 
 def test_excel_with_sheet_and_column_mapping(tmp_path):
     Image.new("L", (4, 4)).save(tmp_path / "a.png")
-    df = pd.DataFrame({"影像路径": ["a.png", "a.png", None], "影像所见": [GOOD, "客服热线", LONG], "reason": ["x", "y", "z"]})
+    df = pd.DataFrame(
+        {"影像路径": ["a.png", "a.png", None], "影像所见": [GOOD, "客服热线", LONG], "reason": ["x", "y", "z"]}
+    )
     with pd.ExcelWriter(tmp_path / "total.xlsx") as writer:
         pd.DataFrame({"a": [1]}).to_excel(writer, sheet_name="其他", index=False)
         df.to_excel(writer, sheet_name="报告", index=False)
-    report = clean_captions(tmp_path / "total.xlsx", config=CleaningConfig(sheet="报告", text_column="影像所见",
-                                                                        image_column="影像路径"), verbose=False)
+    report = clean_captions(
+        tmp_path / "total.xlsx",
+        config=CleaningConfig(sheet="报告", text_column="影像所见", image_column="影像路径"),
+        verbose=False,
+    )
     rejects = read(report.rejects_path)
     assert (report.rows_in, report.kept, report.encoding) == (3, 1, "excel")
     assert rejects.reason.tolist() == ["boilerplate_only", "missing_image_path"]
@@ -201,8 +239,11 @@ def test_cli_and_old_script(tmp_path, monkeypatch, capsys):
     bad.write_text("image_path,caption\na.png,右肺结节,约5mm\n", encoding="utf-8")
     assert main(["clean", str(bad)]) == 2 and "row_id 0 (line 2) has 3 fields" in capsys.readouterr().err
     script = Path(__file__).resolve().parents[1] / "scripts" / "clean_caption_csv.py"
-    monkeypatch.setattr(sys, "argv", [str(script), str(path), "--min_answer_chars", "50",
-                                      "--require_keywords", "结节|mm|肺叶|段|病灶", "--quiet"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(script), str(path), "--min_answer_chars", "50", "--require_keywords", "结节|mm|肺叶|段|病灶", "--quiet"],
+    )
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")
     assert exit_info.value.code == 0
@@ -210,17 +251,27 @@ def test_cli_and_old_script(tmp_path, monkeypatch, capsys):
     assert rejects.reason.tolist() == ["too_short", "too_short"]  # GOOD has 28 chars < 50
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("左肺上叶左肺上叶左肺上叶见结节", "左肺上叶见结节"),
-    ("双肺纹理增多。" + "右肺上叶见结节，大小约8mm×6mm。" * 3, "双肺纹理增多。右肺上叶见结节，大小约8mm×6mm。"),
-    ("结节大小0.000.000.00mm", "结节大小0.000.000.00mm"),
-    ("请访问 http://a.com/x 。右肺结节3.5mm，10:30复查", "右肺结节3.5mm，10:30复查"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("左肺上叶左肺上叶左肺上叶见结节", "左肺上叶见结节"),
+        ("双肺纹理增多。" + "右肺上叶见结节，大小约8mm×6mm。" * 3, "双肺纹理增多。右肺上叶见结节，大小约8mm×6mm。"),
+        ("结节大小0.000.000.00mm", "结节大小0.000.000.00mm"),
+        ("请访问 http://a.com/x 。右肺结节3.5mm，10:30复查", "右肺结节3.5mm，10:30复查"),
+    ],
+)
 def test_text_transforms(text, expected):
     assert tc.collapse_repeats(tc.strip_garbage(tc.normalize_text(text)))[0] == expected
 
 
-@pytest.mark.parametrize("text,normal", [(NORMAL, True), ("双肺未见异常，纵隔未见肿大淋巴结。", True),
-                                         ("右肺上叶见2mm结节，余未见异常。", False), (GOOD, False)])
+@pytest.mark.parametrize(
+    "text,normal",
+    [
+        (NORMAL, True),
+        ("双肺未见异常，纵隔未见肿大淋巴结。", True),
+        ("右肺上叶见2mm结节，余未见异常。", False),
+        (GOOD, False),
+    ],
+)
 def test_is_normal_report(text, normal):
     assert tc.is_normal_report(text) is normal

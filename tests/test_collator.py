@@ -55,7 +55,9 @@ def test_answer_truncation_keeps_prompt_and_counts(micro_processor, ct_images):
     budget = example["prompt_length"] + 5
     collator, batch = _collate(micro_processor, [example], max_length=budget)
     assert batch["input_ids"].shape[1] == budget
-    assert batch["input_ids"][0, : example["prompt_length"]].tolist() == example["input_ids"][: example["prompt_length"]]
+    assert (
+        batch["input_ids"][0, : example["prompt_length"]].tolist() == example["input_ids"][: example["prompt_length"]]
+    )
     assert _supervised(batch, 0) == example["input_ids"][example["prompt_length"] : budget]
     assert collator.truncated_answers == 1
 

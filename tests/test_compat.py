@@ -76,13 +76,15 @@ def test_vlm_generation_carries_the_recurrent_cache(family, micro_config, micro_
     overrides = {}
     if family != "mamba":
         tokenizer = micro_processor.tokenizer
-        overrides["text_config"] = example_config(family, vocab_size=len(tokenizer), num_layers=2,
-                                                  pad_token_id=tokenizer.pad_token_id)
+        overrides["text_config"] = example_config(
+            family, vocab_size=len(tokenizer), num_layers=2, pad_token_id=tokenizer.pad_token_id
+        )
     torch.manual_seed(0)
     micro_model = MambaVLMForConditionalGeneration(micro_config(**overrides)).eval()
     lengths = []
     hook = micro_model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     inputs = micro_processor(images=[[ct_images[0]]], text=[None])
     try:
         with torch.no_grad():

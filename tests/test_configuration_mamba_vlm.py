@@ -36,7 +36,10 @@ def test_default_qformer_is_sized_from_the_tower_and_blip2_sized_only_for_blip2_
     fresh = micro_config(bridge_type="qformer")
     vision, q = fresh.vision_config, fresh.qformer_config
     assert (q.hidden_size, q.num_attention_heads, q.intermediate_size) == (
-        vision.hidden_size, vision.num_attention_heads, vision.intermediate_size)
+        vision.hidden_size,
+        vision.num_attention_heads,
+        vision.intermediate_size,
+    )
     assert q.cross_attention_frequency == 1 and q.num_hidden_layers == 2  # every layer looks at the image
     assert fresh.qformer_locality_bias == 4.0
     fresh.save_pretrained(tmp_path)

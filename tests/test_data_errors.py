@@ -25,8 +25,10 @@ def rows(ct_images, tmp_path):
     for i, image in enumerate(ct_images):
         image.save(tmp_path / f"{i}.png")
     caption = "右肺上叶见一直径约8mm结节，边界清楚。"
-    return [{"row_id": str(7 + i), "image_path": f"{i % len(ct_images)}.png", "prompt": "", "caption": caption}
-            for i in range(3)]
+    return [
+        {"row_id": str(7 + i), "image_path": f"{i % len(ct_images)}.png", "prompt": "", "caption": caption}
+        for i in range(3)
+    ]
 
 
 def test_collator_errors_name_the_file_and_row_id(rows, micro_processor, tmp_path):
@@ -36,8 +38,9 @@ def test_collator_errors_name_the_file_and_row_id(rows, micro_processor, tmp_pat
     rows[2]["caption"] = "见<image>结节，直径约8mm。"  # the marker lands in the answer
     path = _csv(tmp_path / "train.csv", rows)
     dataset = load_training_dataset(str(path), micro_processor)
-    collator = DataCollatorForMambaVLM(micro_processor.tokenizer.pad_token_id,
-                                       image_token_id=micro_processor.image_token_id)
+    collator = DataCollatorForMambaVLM(
+        micro_processor.tokenizer.pad_token_id, image_token_id=micro_processor.image_token_id
+    )
     with pytest.raises(ValueError, match=rf"{path} row_id 9: an <image> placeholder lies in the answer"):
         collator([dataset[0], dataset[2]])  # batch position 1 is row_id 9
     short = DataCollatorForMambaVLM(micro_processor.tokenizer.pad_token_id, max_length=3)

@@ -28,10 +28,13 @@ def cleaned(tmp_path):
     (tmp_path / "d" / "ct").mkdir(parents=True)
     Image.new("L", (6, 5), 40).save(tmp_path / "d" / "ct" / "a.png")
     nib.save(nib.Nifti1Image(np.full((4, 4, 8), -600, np.float32), np.eye(4)), str(tmp_path / "d" / "ct" / "v.nii.gz"))
-    _write(tmp_path / "raw.csv", "image_path,caption,prompt,split\n"
-           f"D:\\ct\\a.png,{REPORT},描述图像,train\n"
-           f"\"D:\\ct\\a.png;D:\\ct\\v.nii.gz\",左肺下叶见斑片影。,,val\n"
-           "D:\\ct\\gone.png,右肺中叶见结节，约5mm。,,train\n")
+    _write(
+        tmp_path / "raw.csv",
+        "image_path,caption,prompt,split\n"
+        f"D:\\ct\\a.png,{REPORT},描述图像,train\n"
+        f'"D:\\ct\\a.png;D:\\ct\\v.nii.gz",左肺下叶见斑片影。,,val\n'
+        "D:\\ct\\gone.png,右肺中叶见结节，约5mm。,,train\n",
+    )
     path_map = f"D:/={tmp_path / 'd'}/"
     report = clean_captions(tmp_path / "raw.csv", config=CleaningConfig(path_map=path_map), verbose=False)
     assert report.kept == 3  # gone.png is kept: drop_missing_paths is off

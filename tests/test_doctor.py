@@ -24,8 +24,19 @@ def test_doctor_prints_environment_and_memory_tables(capsys, monkeypatch):
     monkeypatch.setattr(doctor, "check_int8", lambda device: "works (stubbed in this test)")
     assert doctor.run(Namespace(recipe="stage1_align", overrides=[])) == 0
     out = capsys.readouterr().out
-    for needle in ("torch", "bf16", "mamba-ssm", "scan backend", "bitsandbytes", "accelerate config",
-                   "memory estimate", "weights", "activations", "estimated total", "memory ~="):
+    for needle in (
+        "torch",
+        "bf16",
+        "mamba-ssm",
+        "scan backend",
+        "bitsandbytes",
+        "accelerate config",
+        "memory estimate",
+        "weights",
+        "activations",
+        "estimated total",
+        "memory ~=",
+    ):
         assert needle in out, needle
 
 
@@ -69,14 +80,24 @@ def test_memory_estimate_for_a_hybrid_backbone_recipe(tmp_path):
 
     config = example_config("falcon_h1", vocab_size=32000, num_layers=4)
     config.save_pretrained(tmp_path)
-    full = _estimate(str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path))
+    full = _estimate(
+        str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path)
+    )
     with torch.device("meta"):
         expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert full["family"] == "falcon_h1" and full["llm_params"] == expected
     assert full["terms"]["activations"] > 0 and full["trainable_params"] < full["frozen_params"]
-    int8 = _estimate(str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path),
-                     llm_8bit=True)
+    int8 = _estimate(
+        str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"),
+        bf16=False,
+        language_model_name_or_path=str(tmp_path),
+        llm_8bit=True,
+    )
     assert int8["terms"]["weights"] < full["terms"]["weights"]
-    longer = _estimate(str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"), bf16=False, language_model_name_or_path=str(tmp_path),
-                       max_length=1216)
+    longer = _estimate(
+        str(RECIPES / "families" / "stage1_align_falcon_h1.yaml"),
+        bf16=False,
+        language_model_name_or_path=str(tmp_path),
+        max_length=1216,
+    )
     assert longer["terms"]["activations"] == pytest.approx(2 * full["terms"]["activations"], rel=0.1)

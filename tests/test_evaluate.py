@@ -29,14 +29,18 @@ def test_eval_reports_failed_predictions_apart_and_reads_gbk_references(tmp_path
     from hf_vlm.cli import main
 
     reference = "右肺上叶见一直径约8mm结节，边界清楚。纵隔未见肿大淋巴结。"
-    refs = _write_csv(tmp_path / "refs.csv", [{"image_path": f"{i}.png", "caption": reference} for i in range(4)],
-                      encoding="gbk")  # written by Excel on a Chinese Windows
-    preds = _write_csv(tmp_path / "reports.csv", [
-        {"image_path": "0.png", "prompt": "", "report": reference, "error": ""},
-        {"image_path": "1.png", "prompt": "", "report": reference, "error": ""},
-        {"image_path": "2.png", "prompt": "", "report": "", "error": "ImageLoadError: 2.png: file not found"},
-        {"image_path": "3.png", "prompt": "", "report": "", "error": ""},
-    ])
+    refs = _write_csv(
+        tmp_path / "refs.csv", [{"image_path": f"{i}.png", "caption": reference} for i in range(4)], encoding="gbk"
+    )  # written by Excel on a Chinese Windows
+    preds = _write_csv(
+        tmp_path / "reports.csv",
+        [
+            {"image_path": "0.png", "prompt": "", "report": reference, "error": ""},
+            {"image_path": "1.png", "prompt": "", "report": reference, "error": ""},
+            {"image_path": "2.png", "prompt": "", "report": "", "error": "ImageLoadError: 2.png: file not found"},
+            {"image_path": "3.png", "prompt": "", "report": "", "error": ""},
+        ],
+    )
     out = tmp_path / "metrics.json"
     assert main(["eval", "--predictions", str(preds), "--references", str(refs), "--output", str(out)]) == 0
     err = capsys.readouterr().err
@@ -47,8 +51,21 @@ def test_eval_reports_failed_predictions_apart_and_reads_gbk_references(tmp_path
     assert metrics["bleu_4"] > 0.99  # the two real reports are perfect: not dragged to 0.5 by the failures
 
     out_all = tmp_path / "metrics_all.json"
-    assert main(["eval", "--predictions", str(preds), "--references", str(refs), "--output", str(out_all),
-                 "--include_failed"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--predictions",
+                str(preds),
+                "--references",
+                str(refs),
+                "--output",
+                str(out_all),
+                "--include_failed",
+            ]
+        )
+        == 0
+    )
     included = json.loads(out_all.read_text(encoding="utf-8"))
     assert included["n_reports"] == 4 and included["n_failed_predictions"] == 0 and included["bleu_4"] < 0.6
 

@@ -87,8 +87,11 @@ def _change_feature_layer(model, processor):
 
 @pytest.mark.parametrize(
     "change,field",
-    [(_change_weight, "encoder_weights"), (_change_processor_size, "image_processor"),
-     (_change_feature_layer, "vision_feature_layer")],
+    [
+        (_change_weight, "encoder_weights"),
+        (_change_processor_size, "image_processor"),
+        (_change_feature_layer, "vision_feature_layer"),
+    ],
     ids=["one-encoder-weight", "image-processor-size", "feature-layer"],
 )
 def test_changed_encoder_or_preprocessing_is_a_miss(tmp_path, rows, frozen_model, micro_processor, change, field):

@@ -28,8 +28,9 @@ CONFIGS = REPO / "accelerate_configs"
 def test_fsdp_configs_are_fsdp2_and_the_cpu_one_matches_the_gpu_one():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    gpu, cpu = (yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8"))
-                for name in ("fsdp.yaml", "fsdp_cpu_2proc.yaml"))
+    gpu, cpu = (
+        yaml.safe_load((CONFIGS / name).read_text(encoding="utf-8")) for name in ("fsdp.yaml", "fsdp_cpu_2proc.yaml")
+    )
     assert gpu["fsdp_config"] == cpu["fsdp_config"]  # CI tests what users run
     assert gpu["fsdp_config"]["fsdp_version"] == 2 and gpu["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
     assert gpu["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # final weights load with from_pretrained
@@ -64,9 +65,18 @@ def test_two_process_fsdp2_training_on_cpu(tmp_path):
 
     root, assets = tmp_path / "runs", tmp_path / "assets"
     root.mkdir()
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(CONFIGS / "fsdp_cpu_2proc.yaml"), "--main_process_port", "29533",
-               str(REPO / "tests" / "fsdp_worker.py"), str(root), str(assets)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS / "fsdp_cpu_2proc.yaml"),
+        "--main_process_port",
+        "29533",
+        str(REPO / "tests" / "fsdp_worker.py"),
+        str(root),
+        str(assets),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "USE_LIBUV": "0", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr

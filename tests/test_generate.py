@@ -39,8 +39,23 @@ def test_folder_gives_one_row_per_image_and_error_rows(tiny, tmp_path):
     (folder / "corrupt.png").write_bytes(b"not a png")
     (folder / "notes.txt").write_text("ignored: not an image")
     out = tmp_path / "reports.csv"
-    assert main(["generate", "--checkpoint", tiny["checkpoint"], "--images", str(folder), "--output", str(out),
-                 "--batch_size", "3", *GEN]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                tiny["checkpoint"],
+                "--images",
+                str(folder),
+                "--output",
+                str(out),
+                "--batch_size",
+                "3",
+                *GEN,
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes().startswith(b"\xef\xbb\xbf")  # utf-8-sig: Excel shows the Chinese text
     rows = read_csv(out)
     expected = sorted(p for p in folder.iterdir() if p.suffix == ".png")
@@ -67,8 +82,23 @@ def test_csv_input_jsonl_output_batched_equals_one_by_one(tiny, tmp_path):
     outputs = {}
     for batch_size in ("4", "1"):
         out = tmp_path / f"reports_{batch_size}.jsonl"
-        assert main(["generate", "--checkpoint", tiny["checkpoint"], "--images", str(csv_path), "--output", str(out),
-                     "--batch_size", batch_size, *GEN]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--checkpoint",
+                    tiny["checkpoint"],
+                    "--images",
+                    str(csv_path),
+                    "--output",
+                    str(out),
+                    "--batch_size",
+                    batch_size,
+                    *GEN,
+                ]
+            )
+            == 0
+        )
         text = out.read_text(encoding="utf-8")
         assert "注意结节位置" in text and "\\u" not in text  # ensure_ascii=False
         outputs[batch_size] = [json.loads(line) for line in text.splitlines()]
@@ -96,7 +126,17 @@ def test_settings_that_contradict_training_are_errors(tiny, tmp_path, capsys, fl
 
 def test_matching_settings_are_accepted(tiny, capsys):
     image = str(tiny["eval_images"][0])
-    args = ["generate", "--checkpoint", tiny["checkpoint"], "--images", image, "--max_visual_tokens", "4", "--no-llm_8bit", *GEN]
+    args = [
+        "generate",
+        "--checkpoint",
+        tiny["checkpoint"],
+        "--images",
+        image,
+        "--max_visual_tokens",
+        "4",
+        "--no-llm_8bit",
+        *GEN,
+    ]
     assert main(args) == 0
 
 
@@ -107,8 +147,11 @@ def test_single_image_streams_token_by_token(tiny, capsys, monkeypatch):
 
     chunks = []
     original = transformers.TextStreamer.on_finalized_text
-    monkeypatch.setattr(transformers.TextStreamer, "on_finalized_text",
-                        lambda self, text, stream_end=False: (chunks.append(text), original(self, text, stream_end))[1])
+    monkeypatch.setattr(
+        transformers.TextStreamer,
+        "on_finalized_text",
+        lambda self, text, stream_end=False: (chunks.append(text), original(self, text, stream_end))[1],
+    )
     image = tiny["eval_images"][0]
     assert main(["generate", "--checkpoint", tiny["checkpoint"], "--images", str(image), *GEN]) == 0
     printed = capsys.readouterr().out
@@ -126,14 +169,33 @@ def test_beam_search_reorders_the_recurrent_cache(tiny, tmp_path, monkeypatch):
 
     reorders = []
     original = Cache.reorder_cache
-    monkeypatch.setattr(Cache, "reorder_cache", lambda self, idx: (reorders.append(idx.tolist()), original(self, idx))[1])
+    monkeypatch.setattr(
+        Cache, "reorder_cache", lambda self, idx: (reorders.append(idx.tolist()), original(self, idx))[1]
+    )
     out = tmp_path / "beams.csv"
-    assert main(["generate", "--checkpoint", tiny["checkpoint"], "--images", str(tiny["folder"]), "--output", str(out),
-                 "--num_beams", "3", *GEN]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                tiny["checkpoint"],
+                "--images",
+                str(tiny["folder"]),
+                "--output",
+                str(out),
+                "--num_beams",
+                "3",
+                *GEN,
+            ]
+        )
+        == 0
+    )
     assert any(r != sorted(r) for r in reorders), "beams never swapped: the check would prove nothing"
     model, processor, _ = load_for_inference(tiny["checkpoint"])
     images = [[Image.open(p).convert("RGB")] for p in sorted(tiny["folder"].iterdir())]
-    reference = generate_batch(model, processor, images, [None] * len(images), num_beams=3, max_new_tokens=8, use_cache=False)
+    reference = generate_batch(
+        model, processor, images, [None] * len(images), num_beams=3, max_new_tokens=8, use_cache=False
+    )
     assert [r["report"] for r in read_csv(out)] == reference
 
 
@@ -146,7 +208,8 @@ def test_beams_of_a_multi_image_study_see_its_own_images(tiny):
     studies = [[a, b], [c, Image.new("RGB", (32, 32), "white")]]
     prefill = []
     handle = model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: prefill.append(kwargs["inputs_embeds"]) if not prefill else None, with_kwargs=True)
+        lambda module, args, kwargs: prefill.append(kwargs["inputs_embeds"]) if not prefill else None, with_kwargs=True
+    )
     generate_batch(model, processor, studies, [None, None], num_beams=2, max_new_tokens=4)
     handle.remove()
     inputs = processor(images=studies, text=[None, None])
@@ -174,10 +237,32 @@ def test_8bit_and_lora_checkpoints_trained_by_the_cli_generate(tmp_path, capsys)
     it with a bitsandbytes config in the model config made transformers take the fp32 weights as already
     quantised, and every generate failed with "'Parameter' object has no attribute 'CB'"."""
     assets = tmp_path / "assets"
-    micro = ["--tiny_preset", "micro", "--max_visual_tokens", "4", "--synthetic_train_rows", "8",
-             "--synthetic_eval_rows", "0", "--synthetic_lm_steps", "2", "--synthetic_dir", str(assets),
-             "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no", "--plot_loss", "false",
-             "--unfreeze_llm_layers", "0", "--llm_8bit", "true"]
+    micro = [
+        "--tiny_preset",
+        "micro",
+        "--max_visual_tokens",
+        "4",
+        "--synthetic_train_rows",
+        "8",
+        "--synthetic_eval_rows",
+        "0",
+        "--synthetic_lm_steps",
+        "2",
+        "--synthetic_dir",
+        str(assets),
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--plot_loss",
+        "false",
+        "--unfreeze_llm_layers",
+        "0",
+        "--llm_8bit",
+        "true",
+    ]
     image = str(sorted((assets / "data" / "images" / "train").glob("*.png"))[0]) if assets.exists() else None
     for name, extra in (("int8", ["--stage", "align"]), ("qlora", ["--stage", "finetune", "--use_lora", "true"])):
         out = tmp_path / name
@@ -189,6 +274,9 @@ def test_8bit_and_lora_checkpoints_trained_by_the_cli_generate(tmp_path, capsys)
         from hf_vlm.inference import load_for_inference
 
         model, _, settings = load_for_inference(str(out), device="cpu")
-        assert settings["llm_8bit"] and type(model.language_model.backbone.layers[0].mixer.in_proj).__name__ == "Linear8bitLt"
+        assert (
+            settings["llm_8bit"]
+            and type(model.language_model.backbone.layers[0].mixer.in_proj).__name__ == "Linear8bitLt"
+        )
         assert main(["generate", "--checkpoint", str(out), "--images", image, "--no-llm_8bit", *GEN]) == 0
         assert "trained with an 8-bit LLM" in capsys.readouterr().err

@@ -97,7 +97,11 @@ def test_low_first_step_loss_is_flagged(make_trainer, tmp_path):
     def proxy(outputs, labels, num_items_in_batch=None):
         return outputs.image_hidden_states.pow(2).mean()
 
-    trainer = make_trainer(tmp_path, max_steps=3, freeze_check_steps=0, vision_probe_steps=0,
+    trainer = make_trainer(
+        tmp_path,
+        max_steps=3,
+        freeze_check_steps=0,
+        vision_probe_steps=0,
         trainer_kwargs={"compute_loss_func": proxy},
     )
     with pytest.warns(GuardWarning, match=r"the masks are probably wrong \(visual \+ prompt must be -100\)"):
@@ -149,8 +153,17 @@ def test_freeze_guard_judges_a_lora_pair_as_a_unit(make_trainer, tmp_path, caplo
     moved (B did); a pair where neither moved is still named."""
     import logging
 
-    trainer = make_trainer(tmp_path, stage="finetune", use_lora=True, lora_r=2, lora_alpha=4,
-                           lora_learning_rate=lora_lr, warmup_steps=1, max_steps=2, guard_action="warn")
+    trainer = make_trainer(
+        tmp_path,
+        stage="finetune",
+        use_lora=True,
+        lora_r=2,
+        lora_alpha=4,
+        lora_learning_rate=lora_lr,
+        warmup_steps=1,
+        max_steps=2,
+        guard_action="warn",
+    )
     with caplog.at_level(logging.WARNING, logger="hf_vlm.training.guards"):
         trainer.train()
     warned = [r.getMessage() for r in caplog.records if "did not move" in r.getMessage()]
@@ -167,7 +180,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_trainer, micro_confi
     torch.manual_seed(0)
     model = MambaVLMForConditionalGeneration(micro_config())
     scale_bridge_output(model, lambda n: float("nan") if n >= 3 else 1.0)  # NaN from step 3 on
-    trainer = make_trainer(tmp_path, model=model, max_steps=6, save_strategy="steps", save_steps=1,
+    trainer = make_trainer(
+        tmp_path,
+        model=model,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=1,
         save_only_model=True,
     )
     trainer.train()

@@ -22,8 +22,9 @@ from hf_vlm.data.images import (
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX resolution of Windows paths")
 
 
-def write_ct_dicom(path: Path, hu: np.ndarray, slope: float = 2.0, intercept: float = -1024.0,
-                   photometric: str = "MONOCHROME2") -> Path:
+def write_ct_dicom(
+    path: Path, hu: np.ndarray, slope: float = 2.0, intercept: float = -1024.0, photometric: str = "MONOCHROME2"
+) -> Path:
     """Minimal CT image storage file; stored = (HU - intercept) / slope as signed 16-bit."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -72,7 +73,9 @@ def test_dicom_ct_windowing(tmp_path):
     ds = pydicom.dcmread(tmp_path / "ct.dcm")
     ds.WindowCenter, ds.WindowWidth = [40, -600], [400, 1500]  # window=None uses the file's first window
     ds.save_as(tmp_path / "tagged.dcm")
-    assert np.asarray(load_image(tmp_path / "tagged.dcm", window_center=None, window_width=None))[0, 3:, 0].tolist() == [0, 198, 255]
+    assert np.asarray(load_image(tmp_path / "tagged.dcm", window_center=None, window_width=None))[
+        0, 3:, 0
+    ].tolist() == [0, 198, 255]
 
 
 def test_dicom_without_suffix_monochrome1_and_frames(tmp_path):
@@ -114,8 +117,9 @@ def test_pil_formats_exif_and_16bit(tmp_path):
         assert load_image(tmp_path / f"g.{suffix}").getpixel((1, 1)) == (7, 7, 7)
 
 
-@pytest.mark.parametrize("name,payload", [("bad.png", b"not an image"), ("bad.dcm", b"\0" * 200),
-                                          ("bad.nii.gz", b"garbage")])
+@pytest.mark.parametrize(
+    "name,payload", [("bad.png", b"not an image"), ("bad.dcm", b"\0" * 200), ("bad.nii.gz", b"garbage")]
+)
 def test_corrupt_file_names_the_file(tmp_path, name, payload):
     (tmp_path / name).write_bytes(payload)
     with pytest.raises(ImageLoadError, match=name.replace(".", r"\.")):
@@ -141,17 +145,20 @@ def test_decompression_bomb_rejected(tmp_path, monkeypatch):
 
 
 @posix_only
-@pytest.mark.parametrize("raw,kwargs,expected", [
-    (r"D:\data\x.png", {"path_map": "D:/=/mnt/data/"}, "/mnt/data/data/x.png"),
-    ("d:/data/x.png", {"path_map": "D:\\=/srv"}, "/srv/data/x.png"),
-    (r"D:\data\x.png", {}, "/mnt/d/data/x.png"),
-    (r"sub\x.png", {"image_root": "/root"}, "/root/sub/x.png"),
-    ("x.png", {"base_dir": "/csv"}, "/csv/x.png"),
-    ("x.png", {"image_root": r"D:\imgs", "path_map": "D:/=/mnt/d/", "base_dir": "/csv"}, "/mnt/d/imgs/x.png"),
-    ("/abs/x.png", {"image_root": "/root"}, "/abs/x.png"),
-    (' "/a b/x.png" ', {}, "/a b/x.png"),
-    ("/data/x.png", {"path_map": [("/data", "/mnt/big")]}, "/mnt/big/x.png"),
-])
+@pytest.mark.parametrize(
+    "raw,kwargs,expected",
+    [
+        (r"D:\data\x.png", {"path_map": "D:/=/mnt/data/"}, "/mnt/data/data/x.png"),
+        ("d:/data/x.png", {"path_map": "D:\\=/srv"}, "/srv/data/x.png"),
+        (r"D:\data\x.png", {}, "/mnt/d/data/x.png"),
+        (r"sub\x.png", {"image_root": "/root"}, "/root/sub/x.png"),
+        ("x.png", {"base_dir": "/csv"}, "/csv/x.png"),
+        ("x.png", {"image_root": r"D:\imgs", "path_map": "D:/=/mnt/d/", "base_dir": "/csv"}, "/mnt/d/imgs/x.png"),
+        ("/abs/x.png", {"image_root": "/root"}, "/abs/x.png"),
+        (' "/a b/x.png" ', {}, "/a b/x.png"),
+        ("/data/x.png", {"path_map": [("/data", "/mnt/big")]}, "/mnt/big/x.png"),
+    ],
+)
 def test_resolve_image_path(raw, kwargs, expected):
     assert resolve_image_path(raw, **kwargs).as_posix() == expected
 

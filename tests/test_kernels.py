@@ -53,8 +53,9 @@ def _logits_and_grads(model, ids):
     return out.logits.detach(), grads
 
 
-def test_hf_vlm_model_runs_the_chunked_scan_and_a_plain_mamba_keeps_transformers(clean_backend, micro_model,
-                                                                                 micro_processor, ct_images):
+def test_hf_vlm_model_runs_the_chunked_scan_and_a_plain_mamba_keeps_transformers(
+    clean_backend, micro_model, micro_processor, ct_images
+):
     import copy
 
     import transformers.models.mamba.modeling_mamba as mm
@@ -82,8 +83,9 @@ def test_hf_vlm_model_runs_the_chunked_scan_and_a_plain_mamba_keeps_transformers
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_activation_checkpointing_recompute_stays_on_the_fast_scan(clean_backend, micro_model, micro_processor,
-                                                                   ct_images):
+def test_activation_checkpointing_recompute_stays_on_the_fast_scan(
+    clean_backend, micro_model, micro_processor, ct_images
+):
     model = micro_model.train()
     model.activation_checkpointing_enable()
     inputs = micro_processor(images=[[ct_images[0]], [ct_images[1]]], text=[None, None])
@@ -129,12 +131,20 @@ def test_dispatcher_ignores_backend_selection_kwargs_and_filters_the_wrong_fallb
     g = torch.Generator().manual_seed(0)
     u, delta, B, C = (torch.randn(2, *shape, generator=g) for shape in ((5, 6), (5, 6), (4, 6), (4, 6)))
     args = [u, delta.abs() * 0.5, -torch.rand(5, 4, generator=g) - 0.1, B, C]  # (B, D, L), A (D, N), (B, N, L)
-    torch.testing.assert_close(mm.mamba_selective_scan(*args, use_mambapy=True, use_associative_scan=True),
-                               selective_scan_ref(*args))
+    torch.testing.assert_close(
+        mm.mamba_selective_scan(*args, use_mambapy=True, use_associative_scan=True), selective_scan_ref(*args)
+    )
     hub_logger = logging.getLogger("transformers.integrations.hub_kernels")
-    note = hub_logger.makeRecord(hub_logger.name, logging.WARNING, __file__, 0,
-                                 "`selective_scan_fn` is falling back to its reference PyTorch implementation "
-                                 "because `mamba-ssm` is not installed.", (), None)
+    note = hub_logger.makeRecord(
+        hub_logger.name,
+        logging.WARNING,
+        __file__,
+        0,
+        "`selective_scan_fn` is falling back to its reference PyTorch implementation "
+        "because `mamba-ssm` is not installed.",
+        (),
+        None,
+    )
     assert hub_logger.filter(note) is False
     uninstall_fast_scan()
     assert hub_logger.filter(note)
@@ -168,8 +178,13 @@ print(json.dumps({"usage": usage, "diff": float((fast - reference).abs().max())}
 
 def _run_check(checkpoint, inputs_file, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
-    done = subprocess.run([sys.executable, "-c", SUBPROCESS_CHECK, str(checkpoint), str(inputs_file)],
-                          capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_CHECK, str(checkpoint), str(inputs_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     import json
 
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -191,8 +206,16 @@ def test_hf_vlm_generate_prefill_runs_the_fast_scan_with_identical_reports(clean
     from hf_vlm.cli import main
 
     checkpoint, assets = tiny_checkpoint(tmp_path)
-    args = ["generate", "--checkpoint", str(checkpoint), "--images", assets.eval_csv, "--max_new_tokens", "6",
-            "--no_progress"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(checkpoint),
+        "--images",
+        assets.eval_csv,
+        "--max_new_tokens",
+        "6",
+        "--no_progress",
+    ]
     reset_backend_usage()
     assert main(args + ["--output", str(tmp_path / "fast.csv")]) == 0
     usage = backend_usage()

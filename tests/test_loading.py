@@ -85,9 +85,8 @@ def test_each_skipped_module_is_needed_for_int8(parts, token_batch, skip, error,
         with torch.no_grad():
             assert torch.isfinite(llm(input_ids=token_batch).logits).all()
         return
-    with pytest.raises(error, match=match):
-        with torch.no_grad():
-            llm(input_ids=token_batch)
+    with pytest.raises(error, match=match), torch.no_grad():
+        llm(input_ids=token_batch)
 
 
 def test_fused_training_kernel_gets_full_precision_weights(monkeypatch, parts, token_batch):

@@ -55,13 +55,16 @@ REF_TOK = [[tokenize(r) for r in rs] for rs in REFS]
 
 
 # ---------------------------------------------------------------- tokenisation
-@pytest.mark.parametrize("text, tokens", [
-    ("右肺下叶见一直径约12mm结节。", ["右", "肺", "下", "叶", "见", "一", "直", "径", "约", "12mm", "结", "节"]),
-    ("大小约8×6mm，1.2cm", ["大", "小", "约", "8×6mm", "1.2cm"]),
-    ("约8*6MM", ["约", "8×6mm"]),
-    ("ＣＴ示１２ｍｍ", ["ct", "示", "12mm"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        ("右肺下叶见一直径约12mm结节。", ["右", "肺", "下", "叶", "见", "一", "直", "径", "约", "12mm", "结", "节"]),
+        ("大小约8×6mm，1.2cm", ["大", "小", "约", "8×6mm", "1.2cm"]),
+        ("约8*6MM", ["约", "8×6mm"]),
+        ("ＣＴ示１２ｍｍ", ["ct", "示", "12mm"]),
+        ("", []),
+    ],
+)
 def test_char_tokenize(text, tokens):
     assert tokenize(text) == tokens
 
@@ -135,7 +138,9 @@ def test_bleu_matches_sacrebleu_zh_tokenizer_with_punctuation_kept():
 
 
 # ---------------------------------------------------------------- Chinese pitfalls
-@pytest.mark.parametrize("pred, ref", [("右肺下叶结节", "右肺下叶见一结节"), ("结节", "左肺下叶见小结节。"), ("左肺", "左侧")])
+@pytest.mark.parametrize(
+    "pred, ref", [("右肺下叶结节", "右肺下叶见一结节"), ("结节", "左肺下叶见小结节。"), ("左肺", "左侧")]
+)
 def test_chinese_rouge_is_never_zero_for_overlapping_text(pred, ref):
     # regression: rouge-score's default tokenizer deletes CJK characters and returns 0 here
     assert compute_report_metrics([pred], [ref])["rouge_l"] > 0
@@ -143,8 +148,18 @@ def test_chinese_rouge_is_never_zero_for_overlapping_text(pred, ref):
 
 def test_report_metrics_keys_and_granularity():
     m = compute_report_metrics(PREDS, [r if len(r) > 1 else r[0] for r in REFS])
-    for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d", "findings_precision",
-                "findings_recall", "findings_f1", "repetition"):
+    for key in (
+        "bleu_1",
+        "bleu_2",
+        "bleu_3",
+        "bleu_4",
+        "rouge_l",
+        "cider_d",
+        "findings_precision",
+        "findings_recall",
+        "findings_f1",
+        "repetition",
+    ):
         assert isinstance(m[key], float), key
     assert m["granularity"] == "char" and "CJK character" in m["tokenization"]
     assert m["n_reports"] == len(PAIRS)
@@ -163,8 +178,10 @@ FACT_CASES = [
     ("双肺纹理清晰，未见明显异常。", set()),
     ("双肺多发结节", {F("双", None, None, "结节", None)}),
     ("右肺上叶、中叶见结节，未见钙化", {F("右", "上叶", None, "结节", None), F("右", "中叶", None, "结节", None)}),
-    ("右肺上叶见一约8mm结节，左肺下叶见约3mm钙化灶；右侧胸腔积液。",
-     {F("右", "上叶", None, "结节", 8.0), F("左", "下叶", None, "钙化", 3.0), F("右", None, None, "胸腔积液", None)}),
+    (
+        "右肺上叶见一约8mm结节，左肺下叶见约3mm钙化灶；右侧胸腔积液。",
+        {F("右", "上叶", None, "结节", 8.0), F("左", "下叶", None, "钙化", 3.0), F("右", None, None, "胸腔积液", None)},
+    ),
     ("结节位于右肺下叶背段，约5mm", {F("右", "下叶", "背段", "结节", 5.0)}),
     ("中叶见小结节", {F("右", "中叶", None, "结节", None)}),
 ]
@@ -177,7 +194,11 @@ def test_extract_facts(text, facts):
 
 def test_findings_paraphrase_high_template_wrong_lobe_low():
     refs = ["右肺上叶见一结节，大小约8mm，边界清楚。", "左肺下叶见磨玻璃结节，约6mm。", "右侧胸腔积液。"] * 2
-    paraphrase = ["右肺上叶可见结节影，直径约0.8cm。", "左肺下叶磨玻璃结节，大小约6mm。", "右侧胸腔少量积液，胸腔积液。"] * 2
+    paraphrase = [
+        "右肺上叶可见结节影，直径约0.8cm。",
+        "左肺下叶磨玻璃结节，大小约6mm。",
+        "右侧胸腔少量积液，胸腔积液。",
+    ] * 2
     template = ["左肺下叶见一结节，大小约8mm，边界清楚。", "右肺上叶见磨玻璃结节，约6mm。", "左侧胸腔积液。"] * 2
     para, tmpl = compute_report_metrics(paraphrase, refs), compute_report_metrics(template, refs)
     assert para["findings_f1"] == 1.0 and tmpl["findings_f1"] == 0.0
@@ -185,7 +206,9 @@ def test_findings_paraphrase_high_template_wrong_lobe_low():
 
 
 def test_findings_scores_micro_macro_and_empty_sets():
-    s = findings_scores(["右肺下叶结节", "未见异常", "左肺上叶钙化"], ["右肺下叶结节，左肺上叶钙化", "未见异常", "双肺未见结节"])
+    s = findings_scores(
+        ["右肺下叶结节", "未见异常", "左肺上叶钙化"], ["右肺下叶结节，左肺上叶钙化", "未见异常", "双肺未见结节"]
+    )
     assert s["findings_n_pred"] == 2 and s["findings_n_ref"] == 2 and s["findings_n_match"] == 1
     assert s["findings_precision"] == 0.5 and s["findings_recall"] == 0.5
     # per report F1: 2/3, 1 (both empty), 0 (fact where the reference has none)
@@ -194,9 +217,13 @@ def test_findings_scores_micro_macro_and_empty_sets():
 
 def test_findings_table_from_yaml_and_tolerance(tmp_path):
     path = tmp_path / "table.yaml"
-    path.write_text("extend_default: true\nfindings:\n  树芽征: [树芽征, 树芽]\nsize_tolerance_mm: 1\n", encoding="utf-8")
+    path.write_text(
+        "extend_default: true\nfindings:\n  树芽征: [树芽征, 树芽]\nsize_tolerance_mm: 1\n", encoding="utf-8"
+    )
     table = load_findings_table(path)
-    assert "结节" in table.findings and extract_facts("右肺下叶见树芽征", table) == {F("右", "下叶", None, "树芽征", None)}
+    assert "结节" in table.findings and extract_facts("右肺下叶见树芽征", table) == {
+        F("右", "下叶", None, "树芽征", None)
+    }
     assert findings_scores(["右肺下叶结节约8mm"], ["右肺下叶结节约9mm"], table)["findings_f1"] == 1.0
     assert findings_scores(["右肺下叶结节约8mm"], ["右肺下叶结节约9mm"])["findings_f1"] == 0.0
     (tmp_path / "t.json").write_text(json.dumps({"match_fields": ["side", "finding"]}), encoding="utf-8")
@@ -225,9 +252,14 @@ def _write(path: Path, header: str, rows: list[tuple]) -> Path:
 
 
 def test_cli_eval_end_to_end(tmp_path, capsys):
-    preds = _write(tmp_path / "reports.csv", "image_path,report", [("a.png", PREDS[0]), ("b.png", PREDS[1]), ("c.png", PREDS[5])])
-    refs = _write(tmp_path / "clean.csv", "image_path,caption",
-                  [("c.png", REFS[5][0]), ("a.png", REFS[0][0]), ("b.png", REFS[1][0]), ("c.png", REFS[5][1])])
+    preds = _write(
+        tmp_path / "reports.csv", "image_path,report", [("a.png", PREDS[0]), ("b.png", PREDS[1]), ("c.png", PREDS[5])]
+    )
+    refs = _write(
+        tmp_path / "clean.csv",
+        "image_path,caption",
+        [("c.png", REFS[5][0]), ("a.png", REFS[0][0]), ("b.png", REFS[1][0]), ("c.png", REFS[5][1])],
+    )
     out = tmp_path / "m" / "metrics.json"
     assert cli_main(["eval", "--predictions", str(preds), "--references", str(refs), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -237,10 +269,29 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
     assert metrics["bleu_4"] == pytest.approx(expected["bleu_4"]) and metrics["n_multi_reference"] == 1
 
     jsonl = tmp_path / "reports.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"image_path": k, "text": v}, ensure_ascii=False)
-                               for k, v in [("a.png", PREDS[0]), ("b.png", PREDS[1]), ("c.png", PREDS[5])]), encoding="utf-8")
-    assert cli_main(["eval", "--predictions", str(jsonl), "--references", str(refs), "--prediction_column", "text",
-                     "--granularity", "word"]) == 0
+    jsonl.write_text(
+        "\n".join(
+            json.dumps({"image_path": k, "text": v}, ensure_ascii=False)
+            for k, v in [("a.png", PREDS[0]), ("b.png", PREDS[1]), ("c.png", PREDS[5])]
+        ),
+        encoding="utf-8",
+    )
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--predictions",
+                str(jsonl),
+                "--references",
+                str(refs),
+                "--prediction_column",
+                "text",
+                "--granularity",
+                "word",
+            ]
+        )
+        == 0
+    )
     assert "Granularity: word" in capsys.readouterr().out
 
 
@@ -253,7 +304,9 @@ def test_cli_eval_unmatched_keys_are_errors(tmp_path, capsys):
     preds = _write(tmp_path / "p2.csv", "image_path,report", [("a.png", "结节")])
     assert cli_main(["eval", "--predictions", str(preds), "--references", str(refs)]) == 2
     assert "'b.png'" in capsys.readouterr().err
-    assert cli_main(["eval", "--predictions", str(preds), "--references", str(refs), "--allow_missing_predictions"]) == 0
+    assert (
+        cli_main(["eval", "--predictions", str(preds), "--references", str(refs), "--allow_missing_predictions"]) == 0
+    )
     assert cli_main(["eval", "--predictions", str(preds), "--references", str(refs), "--reference_column", "text"]) == 2
     assert "no column 'text'" in capsys.readouterr().err
 
@@ -276,12 +329,19 @@ def test_load_metric_offline(tmp_path):
         out["single_ref"] = load_metric("rouge", keep_in_memory=True).compute(predictions=preds, references=["右肺下叶结节", "左肺上叶钙化灶"])["rouge_l"]
         print(json.dumps(out))
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = compute_report_metrics(["右肺下叶见结节，约8mm", "左肺上叶见钙化"], [["右肺下叶见一结节，约8mm", "右肺下叶小结节"], ["左肺上叶钙化灶"]])
+    expected = compute_report_metrics(
+        ["右肺下叶见结节，约8mm", "左肺上叶见钙化"], [["右肺下叶见一结节，约8mm", "右肺下叶小结节"], ["左肺上叶钙化灶"]]
+    )
     for key in ("bleu_1", "bleu_4", "rouge_l", "cider_d", "findings_f1"):
         assert got[key] == pytest.approx(expected[key]), key
     assert got["granularity"] == "char" and got["single_ref"] > 0

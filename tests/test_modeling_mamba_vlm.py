@@ -20,7 +20,9 @@ def _inputs(processor, images, prompts=None):
 
 
 @pytest.mark.parametrize("bridge_type", ["mlp", "qformer"])
-def test_save_load_through_auto_classes_gives_identical_logits(micro_config, tmp_path, micro_processor, ct_images, bridge_type):
+def test_save_load_through_auto_classes_gives_identical_logits(
+    micro_config, tmp_path, micro_processor, ct_images, bridge_type
+):
     torch.manual_seed(0)
     model = MambaVLMForConditionalGeneration(micro_config(bridge_type=bridge_type)).eval()
     model.save_pretrained(tmp_path)
@@ -37,16 +39,22 @@ def test_save_load_through_auto_classes_gives_identical_logits(micro_config, tmp
 
 
 @pytest.mark.parametrize("family", ["falcon_h1", "bamba", "mamba2"])
-def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(family, micro_config, micro_processor, ct_images,
-                                                                 tmp_path):
+def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(
+    family, micro_config, micro_processor, ct_images, tmp_path
+):
     """The language model is built from `text_config` through the Auto classes, so a saved VLM on a
     Mamba-2 / hybrid backbone (hf_vlm.backbones) reloads as that family, with the same logits, and
     batched generation equals one-by-one."""
     from hf_vlm.backbones import example_config
 
     tokenizer = micro_processor.tokenizer
-    text_config = example_config(family, vocab_size=len(tokenizer), num_layers=2, pad_token_id=tokenizer.pad_token_id,
-                                 **({"embedding_multiplier": 5.0} if family == "falcon_h1" else {}))
+    text_config = example_config(
+        family,
+        vocab_size=len(tokenizer),
+        num_layers=2,
+        pad_token_id=tokenizer.pad_token_id,
+        **({"embedding_multiplier": 5.0} if family == "falcon_h1" else {}),
+    )
     torch.manual_seed(0)
     model = MambaVLMForConditionalGeneration(micro_config(text_config=text_config)).eval()
     model.save_pretrained(tmp_path)
@@ -61,8 +69,14 @@ def test_a_vlm_on_another_ssm_family_saves_reloads_and_generates(family, micro_c
         torch.testing.assert_close(loaded(input_ids=text_ids).logits, loaded.language_model(input_ids=text_ids).logits)
     # left-padded batch == one by one, logits included: hybrids keep the decode mask (padded KV
     # keys) and get position_ids (Bamba's RoPE), Falcon-H1 its embedding multiplier
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                  return_dict_in_generate=True, output_logits=True)
+    kwargs = dict(
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     batched = loaded.generate(**inputs, **kwargs)
     for i, prompt in enumerate(["请描述。", None]):
         single = loaded.generate(**_inputs(micro_processor, [ct_images[i]], [prompt]), **kwargs)

@@ -78,8 +78,10 @@ def test_pooling_is_3d_and_z_major():
     assert pool_study_tokens(features[:, :1], 16, 4).shape == (1, 16, 2)  # S=1 still fills the budget
     assert pool_study_tokens(torch.randn(2, 5, 12, 3), 6, 2).shape == (2, 6, 3)  # non-square: 1-D fallback
     # the separable computation equals torch's 3-D adaptive pooling over (z, h, w)
-    for s, (mode, pool3d) in [(5, ("avg", torch.nn.functional.adaptive_avg_pool3d)),
-                              (7, ("max", torch.nn.functional.adaptive_max_pool3d))]:
+    for s, (mode, pool3d) in [
+        (5, ("avg", torch.nn.functional.adaptive_avg_pool3d)),
+        (7, ("max", torch.nn.functional.adaptive_max_pool3d)),
+    ]:
         x = torch.randn(2, s, 16, 3)
         reference = pool3d(x.permute(0, 3, 1, 2).reshape(2, 3, s, 4, 4), (4, 2, 2)).flatten(2).transpose(1, 2)
         torch.testing.assert_close(pool_study_tokens(x, 16, 4, mode), reference)
@@ -96,8 +98,9 @@ def test_collator_keeps_mask_guarantees_for_studies(study_processor):
         example = study_processor.encode_example(_slices(s, i), None, "右肺上叶见结节。")
         example["row_id"] = i
         rows.append(example)
-    collator = DataCollatorForMambaVLM(pad_token_id=study_processor.tokenizer.pad_token_id,
-                                       image_token_id=study_processor.image_token_id)
+    collator = DataCollatorForMambaVLM(
+        pad_token_id=study_processor.tokenizer.pad_token_id, image_token_id=study_processor.image_token_id
+    )
     batch = collator(rows)
     assert batch["slice_counts"].tolist() == [1, 7, 32] and batch["slice_z"].shape == (40,)
     assert batch["pixel_values"].shape[0] == 40
@@ -120,8 +123,10 @@ def test_study_model_save_load_identical_logits(micro_config, study_processor, t
     assert processor.study_settings == study_processor.study_settings
     assert json.loads((tmp_path / "processor_config.json").read_text())["study_preprocessing"]["num_slices"] == 8
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, loaded(**processor(images=[_slices(5, 1), _slices(2, 2)],
-                                                                     text=[None, "请描述。"])).logits)
+        assert torch.equal(
+            model(**batch).logits,
+            loaded(**processor(images=[_slices(5, 1), _slices(2, 2)], text=[None, "请描述。"])).logits,
+        )
 
 
 def test_batched_generation_equals_one_by_one_for_studies(micro_config, study_processor):
@@ -133,10 +138,10 @@ def test_batched_generation_equals_one_by_one_for_studies(micro_config, study_pr
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=study_processor.tokenizer.pad_token_id)
     with torch.no_grad():
         batch = study_processor(images=studies, text=prompts)
-        batched = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
+        batched = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
         for i in range(3):
             one = study_processor(images=[studies[i]], text=[prompts[i]])
-            alone = model.generate(**one, **kwargs)[0, one["input_ids"].shape[1]:]
+            alone = model.generate(**one, **kwargs)[0, one["input_ids"].shape[1] :]
             assert batched[i, : len(alone)].tolist() == alone.tolist()
 
 

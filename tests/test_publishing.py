@@ -54,8 +54,9 @@ def test_pushed_checkpoint_loads_without_hf_vlm_with_its_tower(tiny_checkpoint, 
     model.vision_tower.requires_grad_(False)
     processor = MambaVLMProcessor.from_pretrained(checkpoint)
     final = tmp_path / "final"  # what a recipe with save_frozen_vision_weights: false leaves
-    save_vlm_checkpoint(model, str(final), save_frozen_vision_weights=False,
-                        vision_model_name_or_path=assets.vision_path)
+    save_vlm_checkpoint(
+        model, str(final), save_frozen_vision_weights=False, vision_model_name_or_path=assets.vision_path
+    )
     processor.save_pretrained(final)
     (final / "README.md").write_text("# card\n", encoding="utf-8")
     (final / "checkpoint-2").mkdir()

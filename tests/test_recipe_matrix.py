@@ -28,15 +28,19 @@ RECIPES = ROOT / "recipes"
 BRIDGES = ("mlp", "qformer")
 SUBSTITUTES = "tiny,fp32,torch-scan,workers0"
 # Stage 2 recipe -> the Stage 1 recipe whose output is its init_from
-STAGE1_OF = {"stage2_finetune": "stage1_align",
-             "families/stage2_finetune_falcon_h1": "families/stage1_align_falcon_h1"}
+STAGE1_OF = {"stage2_finetune": "stage1_align", "families/stage2_finetune_falcon_h1": "families/stage1_align_falcon_h1"}
 # recipe -> extra overrides of a row variant (id suffix, overrides)
 # (8-bit + Q-Former is the low_vram qformer row: one int8 variant is enough)
 VARIANTS = {("stage1_align", "mlp"): [("int8", {"llm_8bit": True})]}
 # Falcon-H1 family recipes: the LLM is substituted by a tiny falcon_h1 config (hf_vlm.backbones.example_config)
 FAMILY_LM = {"families/stage1_align_falcon_h1": "falcon_h1", "families/stage2_finetune_falcon_h1": "falcon_h1"}
-ASSET_SETTINGS = {"tiny_preset": "micro", "synthetic_train_rows": 8, "synthetic_eval_rows": 4,
-                  "synthetic_lm_steps": 60, "seed": 0}
+ASSET_SETTINGS = {
+    "tiny_preset": "micro",
+    "synthetic_train_rows": 8,
+    "synthetic_eval_rows": 4,
+    "synthetic_lm_steps": 60,
+    "seed": 0,
+}
 GEN = ["--max_new_tokens", "12", "--no_progress", "--batch_size", "4"]
 
 
@@ -81,9 +85,22 @@ def matrix(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("matrix")
     assets = root / "assets"
-    seed_run = ["train", "tiny_demo", *_flags({**ASSET_SETTINGS, "max_visual_tokens": 4, "synthetic_dir": assets,
-                                                "max_steps": 1, "save_strategy": "no", "plot_loss": False,
-                                                "per_device_train_batch_size": 2, "output_dir": root / "seed"})]
+    seed_run = [
+        "train",
+        "tiny_demo",
+        *_flags(
+            {
+                **ASSET_SETTINGS,
+                "max_visual_tokens": 4,
+                "synthetic_dir": assets,
+                "max_steps": 1,
+                "save_strategy": "no",
+                "plot_loss": False,
+                "per_device_train_batch_size": 2,
+                "output_dir": root / "seed",
+            }
+        ),
+    ]
     assert main(seed_run) == 0
     with open(assets / "data" / "eval.csv", encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))[:2]
@@ -117,10 +134,20 @@ def _family_lm(matrix, model_type: str) -> str:
 def _overrides(matrix, name: str, bridge: str, extra: dict, out: Path) -> dict:
     recipe, assets = _read_recipe(name), matrix["assets"]
     overrides = {
-        "output_dir": out, "max_steps": 2, "save_steps": 2, "logging_steps": 1, "warmup_steps": 0,
-        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 1,
-        "eval_samples": 2, "dataloader_num_workers": 0, "plot_loss": False, "max_visual_tokens": 4,
-        "train_file": assets / "data" / "train.csv", "eval_file": assets / "data" / "eval.csv",
+        "output_dir": out,
+        "max_steps": 2,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "warmup_steps": 0,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "eval_samples": 2,
+        "dataloader_num_workers": 0,
+        "plot_loss": False,
+        "max_visual_tokens": 4,
+        "train_file": assets / "data" / "train.csv",
+        "eval_file": assets / "data" / "eval.csv",
     }
     if recipe.get("eval_strategy", "no") != "no":
         overrides["eval_steps"] = 2  # an evaluation (and the report-eval callback) inside the 2 steps
@@ -130,8 +157,12 @@ def _overrides(matrix, name: str, bridge: str, extra: dict, out: Path) -> dict:
         overrides["init_from"] = _trained(matrix, STAGE1_OF[name], bridge)
         overrides["vision_model_name_or_path"] = assets / "vision_tower"
     elif not recipe.get("synthetic_data"):
-        overrides.update(vision_model_name_or_path=assets / "vision_tower", processor_name_or_path=assets / "processor",
-                         language_model_name_or_path=assets / "mamba_lm", bridge_type=bridge)
+        overrides.update(
+            vision_model_name_or_path=assets / "vision_tower",
+            processor_name_or_path=assets / "processor",
+            language_model_name_or_path=assets / "mamba_lm",
+            bridge_type=bridge,
+        )
     else:
         overrides["bridge_type"] = bridge
     if name in FAMILY_LM:
@@ -187,18 +218,35 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
         assert record["trained_llm_quantization"] == "8bit"
 
     folder_out, csv_out = tmp_path / "folder.csv", tmp_path / "csv.csv"
-    assert main(["generate", "--checkpoint", checkpoint, "--images", str(matrix["folder"]), "--output",
-                 str(folder_out), *GEN]) == 0
-    assert main(["generate", "--checkpoint", checkpoint, "--images", str(matrix["refs"]), "--output",
-                 str(csv_out), *GEN]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                checkpoint,
+                "--images",
+                str(matrix["folder"]),
+                "--output",
+                str(folder_out),
+                *GEN,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["generate", "--checkpoint", checkpoint, "--images", str(matrix["refs"]), "--output", str(csv_out), *GEN])
+        == 0
+    )
     for path in (folder_out, csv_out):
         rows = _reports(path)
         assert len(rows) == 2 and all(r["error"] == "" and r["report"].strip() for r in rows), rows
         _step(row, f"generate-{path.stem}")
 
     metrics = tmp_path / "metrics.json"
-    assert main(["eval", "--predictions", str(csv_out), "--references", str(matrix["refs"]),
-                 "--output", str(metrics)]) == 0
+    assert (
+        main(["eval", "--predictions", str(csv_out), "--references", str(matrix["refs"]), "--output", str(metrics)])
+        == 0
+    )
     scores = json.loads(metrics.read_text(encoding="utf-8"))
     assert scores["n_failed_predictions"] == 0
     _step(row, "eval")
@@ -211,8 +259,19 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
 
     _, argv = matrix["runs"][(name, bridge, json.dumps(extra, sort_keys=True))]
     # one more step, no evaluation inside it (the row's evaluation ran in the first 2 steps)
-    resumed = [*argv, "--max_steps", "3", "--resume_from_checkpoint", "last", "--eval_strategy", "no",
-               "--load_best_model_at_end", "false", "--save_strategy", "no"]
+    resumed = [
+        *argv,
+        "--max_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "last",
+        "--eval_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+        "--save_strategy",
+        "no",
+    ]
     assert main(resumed) == 0
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
     assert state["global_step"] == 3

@@ -72,8 +72,9 @@ def test_overrides_win_over_the_recipe_and_are_typed(overrides):
 
 def test_yaml_number_strings_are_coerced(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("tiny_preset: micro\nlearning_rate: 2e-5\nbridge_learning_rate: 1e-4\nmax_steps: '3'\n",
-                      encoding="utf-8")
+    recipe.write_text(
+        "tiny_preset: micro\nlearning_rate: 2e-5\nbridge_learning_rate: 1e-4\nmax_steps: '3'\n", encoding="utf-8"
+    )
     _, _, _, args, _ = parse_recipe(recipe)  # PyYAML reads 2e-5 (no dot) as a string
     assert args.learning_rate == pytest.approx(2e-5) and args.bridge_learning_rate == pytest.approx(1e-4)
     assert args.max_steps == 3
@@ -108,8 +109,6 @@ def test_train_command_takes_the_recipe_and_free_overrides():
     args = build_parser(only="train").parse_args(["train", "recipes/tiny_demo.yaml", "--max_steps", "3", "--use_lora"])
     assert args.recipe == "recipes/tiny_demo.yaml" and args.overrides == ["--max_steps", "3", "--use_lora"]
     assert overrides_to_dict(args.overrides) == {"max_steps": 3, "use_lora": True}
-
-
 
 
 # --- model card -------------------------------------------------------------------------------------

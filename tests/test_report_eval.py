@@ -16,8 +16,10 @@ LOOP = "左肺上叶左肺上叶左肺上叶左肺上叶左肺上叶左肺上叶
 
 @pytest.fixture
 def eval_rows(ct_images):
-    return [{"images": [ct_images[0]], "prompt": None, "caption": GOOD[0]},
-            {"images": [ct_images[1]], "prompt": "请描述。", "caption": GOOD[1]}]
+    return [
+        {"images": [ct_images[0]], "prompt": None, "caption": GOOD[0]},
+        {"images": [ct_images[1]], "prompt": "请描述。", "caption": GOOD[1]},
+    ]
 
 
 class _State:
@@ -32,15 +34,26 @@ class _Args:
 
 
 def test_metrics_are_added_in_place_and_samples_written(micro_model, micro_processor, eval_rows, tmp_path, caplog):
-    callback = ReportEvalCallback(eval_rows, micro_processor, num_samples_to_log=1, generate_kwargs={"max_new_tokens": 6})
+    callback = ReportEvalCallback(
+        eval_rows, micro_processor, num_samples_to_log=1, generate_kwargs={"max_new_tokens": 6}
+    )
     metrics, state = {"eval_loss": 1.0}, _State(step=3)
     micro_model.train()
     with caplog.at_level(logging.INFO, logger="hf_vlm.training.report_eval"):
         callback.on_evaluate(_Args(str(tmp_path)), state, None, metrics=metrics, model=micro_model)
     assert micro_model.training  # restored after generating
-    for key in ("eval_findings_f1", "eval_cider_d", "eval_bleu_4", "eval_rouge_l", "eval_repetition", "eval_findings_f1_cider"):
+    for key in (
+        "eval_findings_f1",
+        "eval_cider_d",
+        "eval_bleu_4",
+        "eval_rouge_l",
+        "eval_repetition",
+        "eval_findings_f1_cider",
+    ):
         assert isinstance(metrics[key], float), key
-    assert metrics["eval_findings_f1_cider"] == pytest.approx(metrics["eval_findings_f1"] + 1e-3 * metrics["eval_cider_d"])
+    assert metrics["eval_findings_f1_cider"] == pytest.approx(
+        metrics["eval_findings_f1"] + 1e-3 * metrics["eval_cider_d"]
+    )
     assert state.log_history[-1]["eval_findings_f1"] == metrics["eval_findings_f1"]  # visible in the log history
     lines = (tmp_path / "samples_step_3.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["reference"] for line in lines] == GOOD and GOOD[0] in lines[0]  # ensure_ascii=False
@@ -63,7 +76,9 @@ def test_unknown_best_metric_names_the_choices(micro_processor, eval_rows):
         callback.score(GOOD)
 
 
-def test_trainer_keeps_the_checkpoint_with_the_best_findings_f1(micro_model, micro_processor, ct_images, eval_rows, tmp_path):
+def test_trainer_keeps_the_checkpoint_with_the_best_findings_f1(
+    micro_model, micro_processor, ct_images, eval_rows, tmp_path
+):
     """Two evaluations: the first states the findings right, the second (trained longer) wrong."""
     from transformers import Trainer, TrainingArguments
 
@@ -79,14 +94,35 @@ def test_trainer_keeps_the_checkpoint_with_the_best_findings_f1(micro_model, mic
 
     callback = Scripted(eval_rows, micro_processor, generate_kwargs={"max_new_tokens": 4})
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, per_device_eval_batch_size=2,
-        learning_rate=1e-2, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_findings_f1", logging_steps=1,
-        report_to="none", remove_unused_columns=False, use_cpu=True, dataloader_num_workers=0, seed=0)
-    collator = DataCollatorForMambaVLM(pad_token_id=micro_processor.tokenizer.pad_token_id,
-                                       image_token_id=micro_processor.image_token_id)
-    trainer = Trainer(model=micro_model, args=args, train_dataset=examples, eval_dataset=examples,
-                      data_collator=collator, callbacks=[callback])
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_findings_f1",
+        logging_steps=1,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    collator = DataCollatorForMambaVLM(
+        pad_token_id=micro_processor.tokenizer.pad_token_id, image_token_id=micro_processor.image_token_id
+    )
+    trainer = Trainer(
+        model=micro_model,
+        args=args,
+        train_dataset=examples,
+        eval_dataset=examples,
+        data_collator=collator,
+        callbacks=[callback],
+    )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_findings_f1" in h]
     assert [h["step"] for h in evals] == [2, 4] and evals[0]["eval_findings_f1"] > evals[1]["eval_findings_f1"]

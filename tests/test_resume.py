@@ -20,8 +20,9 @@ def test_a_non_empty_output_dir_is_refused_unless_asked(make_args, tmp_path):
     check_output_dir(make_args(out))  # only the reusable synthetic assets
     (out / "model.safetensors").write_bytes(b"old run")
     (out / "checkpoint-30").mkdir()
-    with pytest.raises(ValueError,
-                       match=r"already holds a run \(checkpoint-30, model.safetensors\).*overwrite_output_dir"):
+    with pytest.raises(
+        ValueError, match=r"already holds a run \(checkpoint-30, model.safetensors\).*overwrite_output_dir"
+    ):
         check_output_dir(make_args(out))
     check_output_dir(make_args(out, resume_from_checkpoint="last"))  # continuing it is fine
     check_output_dir(make_args(out, overwrite_output_dir=True))

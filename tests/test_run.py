@@ -26,9 +26,17 @@ def micro(tmp_path_factory):
     """Overrides that shrink tiny_demo to seconds; the assets are shared by every test here."""
     assets = tmp_path_factory.mktemp("assets")
     return {
-        "tiny_preset": "micro", "max_visual_tokens": 4, "synthetic_train_rows": 32, "synthetic_eval_rows": 0,
-        "synthetic_lm_steps": 5, "synthetic_dir": str(assets), "per_device_train_batch_size": 4,
-        "logging_steps": 1, "warmup_steps": 1, "plot_loss": False, "seed": 0,
+        "tiny_preset": "micro",
+        "max_visual_tokens": 4,
+        "synthetic_train_rows": 32,
+        "synthetic_eval_rows": 0,
+        "synthetic_lm_steps": 5,
+        "synthetic_dir": str(assets),
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "warmup_steps": 1,
+        "plot_loss": False,
+        "seed": 0,
     }
 
 
@@ -39,11 +47,27 @@ def _flags(overrides: dict) -> list[str]:
 def test_two_process_ddp_over_gloo(tmp_path, micro):
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", "29531",
-        "-m", "hf_vlm.cli", "train", str(REPO / "recipes" / "tiny_demo.yaml"),
-        *_flags({**micro, "max_steps": 3, "per_device_train_batch_size": 2, "save_steps": 3,
-                 "output_dir": out, "use_cpu": "true"}),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        "29531",
+        "-m",
+        "hf_vlm.cli",
+        "train",
+        str(REPO / "recipes" / "tiny_demo.yaml"),
+        *_flags(
+            {
+                **micro,
+                "max_steps": 3,
+                "per_device_train_batch_size": 2,
+                "save_steps": 3,
+                "output_dir": out,
+                "use_cpu": "true",
+            }
+        ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "USE_LIBUV": "0"}
     done = subprocess.run(command, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=400)
@@ -125,13 +149,32 @@ def test_two_stages_chain_through_init_from_with_lora_on_an_8bit_llm(tmp_path, m
     from hf_vlm.training.run import train_from_recipe
 
     stage1 = tmp_path / "stage1"
-    train_from_recipe("tiny_demo", {**micro, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": 2,
-                                    "save_strategy": "no", "output_dir": str(stage1)})
+    train_from_recipe(
+        "tiny_demo",
+        {
+            **micro,
+            "stage": "align",
+            "unfreeze_llm_layers": 0,
+            "max_steps": 2,
+            "save_strategy": "no",
+            "output_dir": str(stage1),
+        },
+    )
     stage2 = tmp_path / "stage2"
-    result = train_from_recipe("tiny_demo", {
-        **micro, "stage": "finetune", "unfreeze_llm_layers": 0, "use_lora": True, "llm_8bit": True,
-        "init_from": str(stage1), "max_steps": 2, "save_strategy": "no", "output_dir": str(stage2),
-    })
+    result = train_from_recipe(
+        "tiny_demo",
+        {
+            **micro,
+            "stage": "finetune",
+            "unfreeze_llm_layers": 0,
+            "use_lora": True,
+            "llm_8bit": True,
+            "init_from": str(stage1),
+            "max_steps": 2,
+            "save_strategy": "no",
+            "output_dir": str(stage2),
+        },
+    )
     assert result["global_step"] == 2 and (stage2 / "llm_adapter" / "adapter_config.json").exists()
     info = json.loads((stage2 / "hf_vlm_checkpoint.json").read_text(encoding="utf-8"))
     assert info["lora_merged"] and info["trained_llm_quantization"] == "8bit"
@@ -151,8 +194,14 @@ def test_recipe_trains_the_bridge_from_the_vision_feature_cache(tmp_path, micro)
     """`vision_feature_cache: DIR` encodes each image once; a second run reuses the stored features."""
     from hf_vlm.training.run import train_from_recipe
 
-    overrides = {**micro, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": 2, "save_strategy": "no",
-                 "vision_feature_cache": str(tmp_path / "cache")}
+    overrides = {
+        **micro,
+        "stage": "align",
+        "unfreeze_llm_layers": 0,
+        "max_steps": 2,
+        "save_strategy": "no",
+        "vision_feature_cache": str(tmp_path / "cache"),
+    }
     first = train_from_recipe("tiny_demo", {**overrides, "output_dir": str(tmp_path / "run1")})
     entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(entries) == 1 and (entries[0] / "index.json").exists()
@@ -167,12 +216,24 @@ def test_recipe_trains_the_bridge_from_the_vision_feature_cache(tmp_path, micro)
 def test_recipe_evaluation_generates_reports_and_picks_the_best_by_findings_f1(tmp_path, micro):
     from hf_vlm.training.run import train_from_recipe
 
-    result = train_from_recipe("tiny_demo", {
-        **micro, "synthetic_dir": str(tmp_path / "assets"), "synthetic_eval_rows": 6, "eval_samples": 4,
-        "max_steps": 4, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2,
-        "load_best_model_at_end": True, "metric_for_best_model": "eval_findings_f1_cider",
-        "greater_is_better": True, "output_dir": str(tmp_path / "run"),
-    })
+    result = train_from_recipe(
+        "tiny_demo",
+        {
+            **micro,
+            "synthetic_dir": str(tmp_path / "assets"),
+            "synthetic_eval_rows": 6,
+            "eval_samples": 4,
+            "max_steps": 4,
+            "eval_strategy": "steps",
+            "eval_steps": 2,
+            "save_strategy": "steps",
+            "save_steps": 2,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_findings_f1_cider",
+            "greater_is_better": True,
+            "output_dir": str(tmp_path / "run"),
+        },
+    )
     for key in ("eval_findings_f1", "eval_cider_d", "eval_bleu_4", "eval_repetition", "eval_findings_f1_cider"):
         assert key in result["metrics"], sorted(result["metrics"])
     assert result["best_model_checkpoint"] is not None
@@ -203,9 +264,24 @@ def test_nan_run_saves_nothing_as_final_and_exits_3(tmp_path, micro, capsys):
     from hf_vlm.cli import main
 
     out = tmp_path / "nan"
-    code = main(["train", "tiny_demo", *_flags({**micro, "max_steps": 4, "save_steps": 1, "learning_rate": 1e39,
-                                                 "bridge_learning_rate": 1e39, "llm_learning_rate": 1e39,
-                                                 "warmup_steps": 0, "output_dir": out})])
+    code = main(
+        [
+            "train",
+            "tiny_demo",
+            *_flags(
+                {
+                    **micro,
+                    "max_steps": 4,
+                    "save_steps": 1,
+                    "learning_rate": 1e39,
+                    "bridge_learning_rate": 1e39,
+                    "llm_learning_rate": 1e39,
+                    "warmup_steps": 0,
+                    "output_dir": out,
+                }
+            ),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 3, printed
     assert "NaN/Inf at step 1" in printed and "Nothing was saved as the final model" in printed
@@ -222,7 +298,9 @@ def test_bad_eval_image_is_named_before_step_0_and_preflight_fails(tmp_path, mic
 
     eval_csv = _eval_csv_with_a_missing_image(micro, tmp_path)
     run = {**micro, "max_steps": 2, "save_strategy": "no", "eval_file": str(eval_csv), "eval_samples": 0}
-    with pytest.raises(ValueError, match=rf"(?s){eval_csv}: 1 unreadable image\(s\).*row_id 5: .*slice_059.png: file not found"):
+    with pytest.raises(
+        ValueError, match=rf"(?s){eval_csv}: 1 unreadable image\(s\).*row_id 5: .*slice_059.png: file not found"
+    ):
         train_from_recipe("tiny_demo", {**run, "output_dir": str(tmp_path / "checked")})
     assert not (tmp_path / "checked" / "train_log.csv").exists()  # stopped before step 0
     rows = {name: (status, detail) for name, status, detail in run_preflight("tiny_demo", run)}
@@ -236,8 +314,18 @@ def test_final_evaluation_error_does_not_lose_the_trained_model(tmp_path, micro)
 
     eval_csv = _eval_csv_with_a_missing_image(micro, tmp_path)
     out = tmp_path / "run"
-    result = train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "save_strategy": "no", "eval_file": str(eval_csv),
-                                             "eval_samples": 0, "validate_images": "off", "output_dir": str(out)})
+    result = train_from_recipe(
+        "tiny_demo",
+        {
+            **micro,
+            "max_steps": 2,
+            "save_strategy": "no",
+            "eval_file": str(eval_csv),
+            "eval_samples": 0,
+            "validate_images": "off",
+            "output_dir": str(out),
+        },
+    )
     assert result["saved"] and "slice_059.png" in result["evaluation_error"]
     assert (out / "model.safetensors").exists() and (out / "README.md").exists()
     load_vlm_checkpoint(str(out))  # the finished run is usable
@@ -255,8 +343,10 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, micro):
     with pytest.raises(ValueError, match=r"checkpoint-4: .*at step 4 but this run has max_steps=2"):
         train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "output_dir": out, "resume_from_checkpoint": "last"})
     with pytest.raises(ValueError, match=r"max_visual_tokens: 4 in the checkpoint, 8 now"):
-        train_from_recipe("tiny_demo", {**micro, "max_steps": 6, "max_visual_tokens": 8, "output_dir": out,
-                                        "resume_from_checkpoint": "last"})
+        train_from_recipe(
+            "tiny_demo",
+            {**micro, "max_steps": 6, "max_visual_tokens": 8, "output_dir": out, "resume_from_checkpoint": "last"},
+        )
     again = train_from_recipe("tiny_demo", {**micro, "max_steps": 2, "output_dir": out, "overwrite_output_dir": True})
     assert again["global_step"] == 2 and not (Path(out) / "checkpoint-4").exists()
 

@@ -10,8 +10,21 @@ from hf_vlm.ops import selective_scan, selective_scan_ref
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def make_inputs(L, *, batch=2, width=5, state=4, dtype=torch.float64, use_D=True, use_z=True,
-                use_bias=True, dt_scale=0.5, a_scale=3.0, seed=0, positive_dt=False):
+def make_inputs(
+    L,
+    *,
+    batch=2,
+    width=5,
+    state=4,
+    dtype=torch.float64,
+    use_D=True,
+    use_z=True,
+    use_bias=True,
+    dt_scale=0.5,
+    a_scale=3.0,
+    seed=0,
+    positive_dt=False,
+):
     """Random scan inputs; ``positive_dt`` keeps delta (+ bias) >= 0 for runs without softplus,
     as a real model guarantees (a negative step makes the recurrence grow exponentially)."""
     g = torch.Generator().manual_seed(seed)
@@ -41,8 +54,19 @@ def make_inputs(L, *, batch=2, width=5, state=4, dtype=torch.float64, use_D=True
 
 def run(fn, ins, softplus, **kw):
     """Output, final state and gradients of all inputs for fixed upstream gradients."""
-    out, last = fn(ins["u"], ins["delta"], ins["A"], ins["B"], ins["C"], D=ins["D"], z=ins["z"],
-                   delta_bias=ins["delta_bias"], delta_softplus=softplus, return_last_state=True, **kw)
+    out, last = fn(
+        ins["u"],
+        ins["delta"],
+        ins["A"],
+        ins["B"],
+        ins["C"],
+        D=ins["D"],
+        z=ins["z"],
+        delta_bias=ins["delta_bias"],
+        delta_softplus=softplus,
+        return_last_state=True,
+        **kw,
+    )
     g = torch.Generator().manual_seed(123)
     g_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
     g_last = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
@@ -59,8 +83,9 @@ def assert_close_all(got, ref, rtol, atol):
     assert g1.keys() == g2.keys()
     for name in g1:
         scale = max(1.0, g2[name].abs().max().item())
-        torch.testing.assert_close(g1[name], g2[name].to(g1[name].dtype), rtol=rtol, atol=atol * scale,
-                                   msg=f"grad {name}")
+        torch.testing.assert_close(
+            g1[name], g2[name].to(g1[name].dtype), rtol=rtol, atol=atol * scale, msg=f"grad {name}"
+        )
 
 
 CASES = [  # (L, chunk, use_D, use_z, use_bias, softplus)
@@ -103,8 +128,7 @@ def test_no_grad_path_matches_reference(L, chunk):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_long_sequence_large_decay_is_stable(dtype):
     """L=2048 with dt up to ~5 and A ~ -10: dt*A ~ -50 per step, ~-1e5 cumulated."""
-    ins = make_inputs(2048, batch=1, width=3, state=4, dtype=dtype, use_bias=False, seed=1,
-                      a_scale=10.0)
+    ins = make_inputs(2048, batch=1, width=3, state=4, dtype=dtype, use_bias=False, seed=1, a_scale=10.0)
     with torch.no_grad():  # dt in (0, ~5): softplus of N(2, 2)
         ins["delta"].mul_(4.0).add_(2.0)
     got = run(selective_scan, ins, True, chunk_size=64)
@@ -121,8 +145,9 @@ def test_gradcheck_tiny_double():
     leaves = [ins[n] for n in NAMES]
 
     def f(u, delta, A, B, C, D, z, bias):
-        out, last = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
-                                   return_last_state=True, chunk_size=2)
+        out, last = selective_scan(
+            u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True, chunk_size=2
+        )
         return out, last
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7)
@@ -130,7 +155,15 @@ def test_gradcheck_tiny_double():
 
 def test_low_precision_input_returns_input_dtype():
     ins = make_inputs(9, dtype=torch.bfloat16)
-    out, last = selective_scan(ins["u"], ins["delta"], ins["A"].float(), ins["B"], ins["C"],
-                               D=ins["D"].float(), z=ins["z"], return_last_state=True)
+    out, last = selective_scan(
+        ins["u"],
+        ins["delta"],
+        ins["A"].float(),
+        ins["B"],
+        ins["C"],
+        D=ins["D"].float(),
+        z=ins["z"],
+        return_last_state=True,
+    )
     assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
     assert out.shape == ins["u"].shape and last.shape == (2, 5, 4)

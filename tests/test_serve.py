@@ -17,8 +17,15 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio is a test dependency: no skip
 
-SETTINGS = dict(max_new_tokens=8, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, do_sample=False,
-                temperature=1.0, top_p=1.0)
+SETTINGS = dict(
+    max_new_tokens=8,
+    repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    num_beams=1,
+    do_sample=False,
+    temperature=1.0,
+    top_p=1.0,
+)
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
 
@@ -34,7 +41,9 @@ def expected_report(served, **overrides):
     from hf_vlm.inference import build_generate_kwargs, generate_batch, load_for_inference
 
     model, processor, _ = load_for_inference(served["checkpoint"])
-    kwargs = build_generate_kwargs(max_new_tokens=overrides.get("max_new_tokens", 8), num_beams=overrides.get("num_beams", 1))
+    kwargs = build_generate_kwargs(
+        max_new_tokens=overrides.get("max_new_tokens", 8), num_beams=overrides.get("num_beams", 1)
+    )
     return generate_batch(model, processor, [[Image.open(served["image"]).convert("RGB")]], [None], **kwargs)[0]
 
 
@@ -50,7 +59,9 @@ def test_callback_streams_and_matches_generate(served):
     image = Image.open(served["image"])
     steps = list(fn(image, None, "", *SETTINGS.values()))
     assert steps[-1] == expected and len(steps) >= 2  # partial text first, then the report
-    assert list(fn(None, str(served["image"]), None, *{**SETTINGS, "num_beams": 2}.values()))[-1] == expected_report(served, num_beams=2)
+    assert list(fn(None, str(served["image"]), None, *{**SETTINGS, "num_beams": 2}.values()))[-1] == expected_report(
+        served, num_beams=2
+    )
     with pytest.raises(gr.Error, match="Upload a CT image"):
         list(fn(None, None, "", *SETTINGS.values()))
     bad = served["root"] / "bad.dcm"
@@ -86,8 +97,10 @@ def test_http_api_returns_the_report(served, server):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="Chromium not installed: apt-get install -y chromium chromium-driver (Debian packages)")
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Chromium not installed: apt-get install -y chromium chromium-driver (Debian packages)",
+)
 def test_browser_upload_generate_and_read(served, server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.common.by import By
@@ -97,10 +110,20 @@ def test_browser_upload_generate_and_read(served, server, tmp_path):
     os.environ.setdefault("SE_AVOID_STATS", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,1300", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1300",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     try:

@@ -19,13 +19,24 @@ from hf_vlm.data.images import WINDOW_PRESETS, ImageLoadError, apply_window
 from hf_vlm.data.studies import load_study, middle_slice_index
 from hf_vlm.data.study_settings import StudyPreprocessing, parse_window
 
-
 ALL = dict(slice_sampling="all", extent="full", crop="none")  # every slice, nothing cropped
 
 
-def write_ct_slice(path, hu, *, position, orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(0.8, 0.7), slope=0.5,
-                   intercept=-1000.0, instance=None, series_uid="1.2.3.4", modality="CT", thickness=5.0,
-                   frames=None):
+def write_ct_slice(
+    path,
+    hu,
+    *,
+    position,
+    orientation=(1, 0, 0, 0, 1, 0),
+    pixel_spacing=(0.8, 0.7),
+    slope=0.5,
+    intercept=-1000.0,
+    instance=None,
+    series_uid="1.2.3.4",
+    modality="CT",
+    thickness=5.0,
+    frames=None,
+):
     """One CT slice (rows, cols) as DICOM; stored = (HU - intercept) / slope as signed 16-bit."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -69,8 +80,13 @@ def write_series(folder, n=6, size=8, step=5.0, skip=(), **kwargs):
             hu[0, 0] = -225.0
         if k == n - 1:
             hu[-1, -1] = 150.0
-        write_ct_slice(folder / f"IM{n - k:04d}.dcm", hu, position=(100.0, 50.0, 200.0 - step * k),
-                       orientation=(-1, 0, 0, 0, -1, 0), **kwargs)
+        write_ct_slice(
+            folder / f"IM{n - k:04d}.dcm",
+            hu,
+            position=(100.0, 50.0, 200.0 - step * k),
+            orientation=(-1, 0, 0, 0, -1, 0),
+            **kwargs,
+        )
     return folder
 
 
@@ -120,9 +136,11 @@ def test_nifti_orientation_permuted_affine(tmp_path):
 
 
 # HU -> exact value in [0, 1] under each preset
-EXACT = {"lung": [(-2000, 0.0), (-1350, 0.0), (-975, 0.25), (-600, 0.5), (-225, 0.75), (150, 1.0), (900, 1.0)],
-         "mediastinum": [(-600, 0.0), (-160, 0.0), (-60, 0.25), (40, 0.5), (140, 0.75), (240, 1.0)],
-         "bone": [(-1000, 0.0), (-500, 0.0), (-50, 0.25), (400, 0.5), (850, 0.75), (1300, 1.0)]}
+EXACT = {
+    "lung": [(-2000, 0.0), (-1350, 0.0), (-975, 0.25), (-600, 0.5), (-225, 0.75), (150, 1.0), (900, 1.0)],
+    "mediastinum": [(-600, 0.0), (-160, 0.0), (-60, 0.25), (40, 0.5), (140, 0.75), (240, 1.0)],
+    "bone": [(-1000, 0.0), (-500, 0.0), (-50, 0.25), (400, 0.5), (850, 0.75), (1300, 1.0)],
+}
 
 
 @pytest.mark.parametrize("window", sorted(EXACT))
@@ -157,8 +175,8 @@ def graded_volume(tmp_path, depth=14, body=(2, 12), lung=None):
     for k in range(*body):
         data[3:13, 3:13, k] = 10.0 * k
     if lung:
-        data[5:11, 5:11, lung[0]:lung[1]] = -850.0
-        data[7, 7, lung[0]:lung[1]] = [10.0 * k for k in range(*lung)]
+        data[5:11, 5:11, lung[0] : lung[1]] = -850.0
+        data[7, 7, lung[0] : lung[1]] = [10.0 * k for k in range(*lung)]
     return write_nifti(tmp_path / "g.nii.gz", data, np.diag([1.0, 1.0, 5.0, 1.0]))
 
 
@@ -168,14 +186,17 @@ def taken(study):
     return [round((float(study.pixels[s, 0, h // 2, w // 2]) * 2000 - 1000) / 10) for s in range(study.num_slices)]
 
 
-@pytest.mark.parametrize("kwargs,indices,extent", [
-    ({"num_slices": 5}, [3, 5, 7, 9, 11], (2, 12)),  # uniform over the body extent: bin centres
-    ({"num_slices": 50}, list(range(2, 12)), (2, 12)),  # more asked than there are: all of them
-    ({"slice_sampling": "all"}, list(range(2, 12)), (2, 12)),
-    ({"slice_sampling": "stride", "slice_stride": 3}, [2, 5, 8, 11], (2, 12)),
-    ({"slice_sampling": "middle"}, [7], (0, 14)),  # the volume's middle slice, whatever the extent
-    ({"num_slices": 2, "extent": "full"}, [3, 10], (0, 14)),
-])
+@pytest.mark.parametrize(
+    "kwargs,indices,extent",
+    [
+        ({"num_slices": 5}, [3, 5, 7, 9, 11], (2, 12)),  # uniform over the body extent: bin centres
+        ({"num_slices": 50}, list(range(2, 12)), (2, 12)),  # more asked than there are: all of them
+        ({"slice_sampling": "all"}, list(range(2, 12)), (2, 12)),
+        ({"slice_sampling": "stride", "slice_stride": 3}, [2, 5, 8, 11], (2, 12)),
+        ({"slice_sampling": "middle"}, [7], (0, 14)),  # the volume's middle slice, whatever the extent
+        ({"num_slices": 2, "extent": "full"}, [3, 10], (0, 14)),
+    ],
+)
 def test_slice_selection_and_relative_z(tmp_path, kwargs, indices, extent):
     study = load_study(graded_volume(tmp_path), StudyPreprocessing(windows="W2000/L0", **kwargs))
     assert list(study.slice_indices) == indices and study.extent == extent
@@ -198,7 +219,9 @@ def test_body_crop_square_pad_resize_and_resampling(tmp_path):
     cropped = load_study(path, StudyPreprocessing(slice_sampling="all"))
     assert cropped.pixels.shape[-2:] == (24, 24)  # box + 2-voxel margin, padded square with air
     air = 350 / 1500
-    assert cropped.pixels[0, 0, 0, 0] == pytest.approx(air) and cropped.pixels[0, 0, 12, 12] == pytest.approx(1390 / 1500)
+    assert cropped.pixels[0, 0, 0, 0] == pytest.approx(air) and cropped.pixels[0, 0, 12, 12] == pytest.approx(
+        1390 / 1500
+    )
     small = load_study(path, StudyPreprocessing(slice_sampling="all", image_size=12))
     assert small.pixels.shape == (4, 3, 12, 12)
     fine = load_study(path, StudyPreprocessing(slice_sampling="all", target_spacing=(None, None, 2.0), crop="none"))
@@ -214,8 +237,9 @@ def test_two_d_images_are_one_slice_studies(tmp_path):
     hu = np.full((6, 6), -1000.0)
     hu[1:5, 1:5] = 40.0
     hu[2, 2] = -600.0  # an axial slice with the standard orientation is already shown radiologically
-    dicom = load_study(str(write_ct_slice(tmp_path / "one.dcm", hu, position=(0, 0, 0))),
-                       StudyPreprocessing(crop="none"))
+    dicom = load_study(
+        str(write_ct_slice(tmp_path / "one.dcm", hu, position=(0, 0, 0))), StudyPreprocessing(crop="none")
+    )
     assert dicom.pixels.shape == (1, 3, 6, 6) and dicom.z.tolist() == [0.5] and dicom.pixels[0, 0, 2, 2] == 0.5
     for name in ("b.png", "c.png"):
         Image.fromarray(rgb).save(tmp_path / name)
@@ -226,8 +250,13 @@ def test_two_d_images_are_one_slice_studies(tmp_path):
 
 
 def test_settings_validation_round_trip_and_fingerprint():
-    settings = StudyPreprocessing(windows=["lung", "W400/L40", (400, 1800)], num_slices=16, extent="lung",
-                                  target_spacing=(0.7, 0.7, None), image_size=224)
+    settings = StudyPreprocessing(
+        windows=["lung", "W400/L40", (400, 1800)],
+        num_slices=16,
+        extent="lung",
+        target_spacing=(0.7, 0.7, None),
+        image_size=224,
+    )
     again = StudyPreprocessing.from_dict(json.loads(json.dumps(settings.to_dict())))
     assert again == settings and again.fingerprint() == settings.fingerprint()
     assert [w.name for w in settings.windows] == ["lung", "mediastinum", "bone"]
@@ -237,12 +266,16 @@ def test_settings_validation_round_trip_and_fingerprint():
     assert parse_window("L-600/W1500") == parse_window("w1500 / l-600") == parse_window("lung")
     assert StudyPreprocessing(windows=(-600, 1500)).windows[0].name == "lung"  # one (level, width) pair
     assert parse_window("W350/L40.5") == parse_window((40.5, 350)) and parse_window("W350/L40.5").name is None
-    for kwargs, message in [({"slice_sampling": "random"}, "uniform, all, stride, middle"),
-                            ({"extent": "chest"}, "body, lung, full"), ({"crop": "yes"}, "body, none"),
-                            ({"windows": "soft"}, "lung, mediastinum, bone"), ({"windows": "W0/L40"}, "width must be > 0"),
-                            ({"num_slices": 0}, "num_slices must be an integer >= 1"),
-                            ({"windows": ["lung", "bone"]}, "2 windows for 3 channels"),
-                            ({"target_spacing": (1, 2)}, "target_spacing must be None or 3 values")]:
+    for kwargs, message in [
+        ({"slice_sampling": "random"}, "uniform, all, stride, middle"),
+        ({"extent": "chest"}, "body, lung, full"),
+        ({"crop": "yes"}, "body, none"),
+        ({"windows": "soft"}, "lung, mediastinum, bone"),
+        ({"windows": "W0/L40"}, "width must be > 0"),
+        ({"num_slices": 0}, "num_slices must be an integer >= 1"),
+        ({"windows": ["lung", "bone"]}, "2 windows for 3 channels"),
+        ({"target_spacing": (1, 2)}, "target_spacing must be None or 3 values"),
+    ]:
         with pytest.raises(ValueError, match=message):
             StudyPreprocessing(**kwargs)
     with pytest.raises(ValueError, match="allowed: windows, channels"):
@@ -269,23 +302,34 @@ def test_series_errors_name_the_file(tmp_path):
     report = Dataset()
     report.file_meta = FileMetaDataset()
     report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
-    report.file_meta.MediaStorageSOPInstanceUID, report.file_meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
+    report.file_meta.MediaStorageSOPInstanceUID, report.file_meta.TransferSyntaxUID = (
+        generate_uid(),
+        ExplicitVRLittleEndian,
+    )
     report.SOPClassUID, report.Modality = report.file_meta.MediaStorageSOPClassUID, "SR"
     report.save_as(str(sr / "report.dcm"), enforce_file_format=True)
     _raises(r"report\.dcm: DICOM modality SR", sr)
     shapes = write_series(tmp_path / "shapes")
-    write_ct_slice(shapes / "IM0009.dcm", np.full((6, 8), 40.0), position=(100, 50, 170), orientation=(-1, 0, 0, 0, -1, 0))
-    _raises(r"shapes: mixed image sizes in one series: 8x8 \(6 files\) and 8x6 \(1 file\(s\), e.g. IM0009\.dcm\)", shapes)
-    _raises(r"gap: missing slice: IM0002\.dcm and IM0004\.dcm are 10\.00 mm apart where the series' spacing is 5\.00 mm",
-            write_series(tmp_path / "gap", n=7, skip=(4,)))
+    write_ct_slice(
+        shapes / "IM0009.dcm", np.full((6, 8), 40.0), position=(100, 50, 170), orientation=(-1, 0, 0, 0, -1, 0)
+    )
+    _raises(
+        r"shapes: mixed image sizes in one series: 8x8 \(6 files\) and 8x6 \(1 file\(s\), e.g. IM0009\.dcm\)", shapes
+    )
+    _raises(
+        r"gap: missing slice: IM0002\.dcm and IM0004\.dcm are 10\.00 mm apart where the series' spacing is 5\.00 mm",
+        write_series(tmp_path / "gap", n=7, skip=(4,)),
+    )
     two = write_series(tmp_path / "two")
     write_ct_slice(two / "other.dcm", hu, position=(100, 50, 300), series_uid="9.9")
     _raises(r"two: mixed SeriesInstanceUIDs", two)
     dup = write_series(tmp_path / "dup")
     write_ct_slice(dup / "copy.dcm", hu, position=(100, 50, 200), orientation=(-1, 0, 0, 0, -1, 0))
     _raises(r"same position", dup)
-    _raises(r"multi\.dcm: multi-frame DICOM \(2 frames\)",
-            write_ct_slice(tmp_path / "multi.dcm", np.full((2, 4, 4), 40.0), position=(0, 0, 0), frames=2))
+    _raises(
+        r"multi\.dcm: multi-frame DICOM \(2 frames\)",
+        write_ct_slice(tmp_path / "multi.dcm", np.full((2, 4, 4), 40.0), position=(0, 0, 0), frames=2),
+    )
 
 
 def test_empty_missing_and_corrupt_inputs_name_the_file(tmp_path):
@@ -294,14 +338,22 @@ def test_empty_missing_and_corrupt_inputs_name_the_file(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("hello")
     _raises(r"notes: folder holds no DICOM files", tmp_path / "notes")
-    _raises(r"air\.nii\.gz: empty volume: no voxel above -500 HU",
-            write_nifti(tmp_path / "air.nii.gz", np.linspace(-1000, -900, 48).reshape(4, 4, 3), np.eye(4)))
-    _raises(r"flat\.nii\.gz: empty volume: every voxel is 0",
-            write_nifti(tmp_path / "flat.nii.gz", np.zeros((4, 4, 3)), np.eye(4)))
-    _raises(r"mr\.nii\.gz: lowest value 10 is above -500 HU.*not a CT",
-            write_nifti(tmp_path / "mr.nii.gz", np.linspace(10, 900, 48).reshape(4, 4, 3), np.eye(4)))
-    _raises(r"t\.nii\.gz: NIfTI of shape \(4, 4, 3, 2\)",
-            write_nifti(tmp_path / "t.nii.gz", np.full((4, 4, 3, 2), -1000.0), np.eye(4)))
+    _raises(
+        r"air\.nii\.gz: empty volume: no voxel above -500 HU",
+        write_nifti(tmp_path / "air.nii.gz", np.linspace(-1000, -900, 48).reshape(4, 4, 3), np.eye(4)),
+    )
+    _raises(
+        r"flat\.nii\.gz: empty volume: every voxel is 0",
+        write_nifti(tmp_path / "flat.nii.gz", np.zeros((4, 4, 3)), np.eye(4)),
+    )
+    _raises(
+        r"mr\.nii\.gz: lowest value 10 is above -500 HU.*not a CT",
+        write_nifti(tmp_path / "mr.nii.gz", np.linspace(10, 900, 48).reshape(4, 4, 3), np.eye(4)),
+    )
+    _raises(
+        r"t\.nii\.gz: NIfTI of shape \(4, 4, 3, 2\)",
+        write_nifti(tmp_path / "t.nii.gz", np.full((4, 4, 3, 2), -1000.0), np.eye(4)),
+    )
     (tmp_path / "bad.nii.gz").write_bytes(b"garbage")
     _raises(r"bad\.nii\.gz: cannot read NIfTI", tmp_path / "bad.nii.gz")
     _raises(r"nope\.nii\.gz: file not found", tmp_path / "nope.nii.gz")
@@ -317,11 +369,21 @@ def test_decompression_bomb_limits(tmp_path):
     _raises(r"big\.png: .*decompression-bomb limit", tmp_path / "big.png", max_image_pixels=5000)
     hu = np.full((80, 80), -1000.0)
     hu[10:70, 10:70] = 40.0
-    _raises(r"ct\.dcm: 80x80 = 6400 pixels exceeds the decompression-bomb limit of 5000",
-            write_ct_slice(tmp_path / "ct.dcm", hu, position=(0, 0, 0)), max_image_pixels=5000)
-    _raises(r"v\.nii\.gz: .* voxels exceed the study limit of 100",
-            write_nifti(tmp_path / "v.nii.gz", np.full((8, 8, 4), -1000.0), np.eye(4)), max_voxels=100)
+    _raises(
+        r"ct\.dcm: 80x80 = 6400 pixels exceeds the decompression-bomb limit of 5000",
+        write_ct_slice(tmp_path / "ct.dcm", hu, position=(0, 0, 0)),
+        max_image_pixels=5000,
+    )
+    _raises(
+        r"v\.nii\.gz: .* voxels exceed the study limit of 100",
+        write_nifti(tmp_path / "v.nii.gz", np.full((8, 8, 4), -1000.0), np.eye(4)),
+        max_voxels=100,
+    )
     data = np.full((8, 8, 4), -1000.0)
     data[2:6, 2:6] = 40.0
-    _raises(r"w\.nii\.gz: resampling .* over the limit of 1000", write_nifti(tmp_path / "w.nii.gz", data, np.eye(4)),
-            StudyPreprocessing(target_spacing=0.5), max_voxels=1000)
+    _raises(
+        r"w\.nii\.gz: resampling .* over the limit of 1000",
+        write_nifti(tmp_path / "w.nii.gz", data, np.eye(4)),
+        StudyPreprocessing(target_spacing=0.5),
+        max_voxels=1000,
+    )

@@ -81,12 +81,14 @@ def test_generate_reads_the_settings_and_writes_one_row_per_study(study_checkpoi
         (folder / nifti.name).write_bytes(nifti.read_bytes())
     _write_series(folder / "series_a")
     out = tmp_path / "reports.csv"
-    assert main(["generate", "--checkpoint", str(checkpoint), "--images", str(folder), "--output", str(out),
-                 *GEN]) == 0
+    assert main(["generate", "--checkpoint", str(checkpoint), "--images", str(folder), "--output", str(out), *GEN]) == 0
     with open(out, encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["image_path"].rsplit("/", 1)[-1] for r in rows] == ["series_a", "train_00000.nii.gz",
-                                                                  "train_00001.nii.gz"]
+    assert [r["image_path"].rsplit("/", 1)[-1] for r in rows] == [
+        "series_a",
+        "train_00000.nii.gz",
+        "train_00001.nii.gz",
+    ]
     assert all(not r["error"] for r in rows)
     # the report is the one the checkpoint gives on the study loaded with ITS saved settings
     from hf_vlm.data.studies import load_study
@@ -117,8 +119,9 @@ def test_dataset_and_feature_cache_apply_the_processor_settings(study_checkpoint
     row = dataset[0]
     assert row["pixel_values"].shape[0] == 6 and len(row["slice_z"]) == 6
     assert (torch.as_tensor(row["input_ids"]) == processor.image_token_id).sum() == processor.max_visual_tokens
-    collator = DataCollatorForMambaVLM(pad_token_id=processor.tokenizer.pad_token_id,
-                                       image_token_id=processor.image_token_id)
+    collator = DataCollatorForMambaVLM(
+        pad_token_id=processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id
+    )
     plain = collator([dataset[i] for i in range(2)])
     cache = VisionFeatureCache(tmp_path / "cache", model, processor)
     assert cache.description["study"]["num_slices"] == 6  # the preprocessing is in the cache key
@@ -146,8 +149,30 @@ def test_study_demo_trains_on_volumes_and_scores_against_baselines(tmp_path, cap
     held-out studies scored next to shuffled studies and chance (the middle-slice baseline is the
     same code with study_slice_sampling: middle, left out here to keep the test short)."""
     out = tmp_path / "demo3d"
-    assert main(["demo", "--studies", "--output_dir", str(out), "--n_train", "8", "--n_eval", "4", "--lm_steps", "2",
-                 "--align_steps", "1", "--finetune_steps", "2", "--batch_size", "4", "--no-middle_baseline"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--studies",
+                "--output_dir",
+                str(out),
+                "--n_train",
+                "8",
+                "--n_eval",
+                "4",
+                "--lm_steps",
+                "2",
+                "--align_steps",
+                "1",
+                "--finetune_steps",
+                "2",
+                "--batch_size",
+                "4",
+                "--no-middle_baseline",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((out / "demo_scores.json").read_text())
     assert set(scores) >= {"model", "blind (shuffled)", "chance"}
     assert scores["model"]["all_studies"]["n"] == 4

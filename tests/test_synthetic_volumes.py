@@ -9,11 +9,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hf_vlm.synthetic_volumes import (CSV_COLUMNS, LEVELS, LOBES_AT, SLICE_RANGE, StudyFacts, draw_study,
-                                      draw_study_facts, make_synthetic_studies, parse_study_facts, read_study_facts,
-                                      restrict_to_middle_slice, score_study_reports, study_chance_accuracy,
-                                      write_study_report)
-
+from hf_vlm.synthetic_volumes import (
+    CSV_COLUMNS,
+    LEVELS,
+    LOBES_AT,
+    SLICE_RANGE,
+    StudyFacts,
+    draw_study,
+    draw_study_facts,
+    make_synthetic_studies,
+    parse_study_facts,
+    read_study_facts,
+    restrict_to_middle_slice,
+    score_study_reports,
+    study_chance_accuracy,
+    write_study_report,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +41,11 @@ def test_files_csv_and_reproducibility(studies, tmp_path):
         image = nib.load(row["image_path"])
         assert image.get_data_dtype() == np.int16 and image.shape[:2] == (64, 64)
         assert SLICE_RANGE[0] <= image.shape[2] == int(row["num_slices"]) <= SLICE_RANGE[1]
-        assert np.allclose(image.header.get_zooms(), (1.5, 1.5, 5.0)) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        assert np.allclose(image.header.get_zooms(), (1.5, 1.5, 5.0)) and nib.aff2axcodes(image.affine) == (
+            "R",
+            "A",
+            "S",
+        )
         assert parse_study_facts(row["caption"]) == StudyFacts(facts.side, facts.lobe, facts.size_mm, facts.level)
     again = make_synthetic_studies(str(tmp_path), 2, seed=3, split="eval")  # study i depends on (seed, i) only
     first = [r["image_path"] for r in csv.DictReader(open(again, encoding="utf-8"))]
@@ -49,7 +64,7 @@ def test_hounsfield_values_and_anatomy():
     # the nodule centre: brighter than lung (partial volume dims small ones), in the stated lung
     x, y = facts.nodule_xy
     assert volume[x, y, facts.nodule_slice] > -600 and (x > 32 if facts.side == "右" else x < 31)  # RAS: +x = right
-    ring = volume[max(x - 8, 0):x + 9, max(y - 8, 0):y + 9, facts.nodule_slice]
+    ring = volume[max(x - 8, 0) : x + 9, max(y - 8, 0) : y + 9, facts.nodule_slice]
     assert ((ring > -950) & (ring < -700)).any()  # lung around it
     t = (facts.nodule_slice - a + 0.5) / (b - a)
     low, high = LEVELS[facts.level]
@@ -80,8 +95,11 @@ def test_facts_follow_the_anatomy_and_chance():
         assert level != "肺尖" or lobe == "上叶"  # only upper lobes reach the apex
         assert not (side == "左" and lobe == "中叶")
     chance = study_chance_accuracy()
-    empirical = {"side": max(Counter(d[0] for d in draws).values()), "lobe": max(Counter(d[:2] for d in draws).values()),
-                 "level": max(Counter(d[3] for d in draws).values())}
+    empirical = {
+        "side": max(Counter(d[0] for d in draws).values()),
+        "lobe": max(Counter(d[:2] for d in draws).values()),
+        "level": max(Counter(d[3] for d in draws).values()),
+    }
     for key, count in empirical.items():
         assert count / len(draws) == pytest.approx(chance[key], abs=0.015)
     assert chance == pytest.approx({"side": 0.5, "lobe": 0.3125, "level": 0.25, "size_within_2mm": 5 / 17})
@@ -117,15 +135,23 @@ def test_loader_finds_lung_extent_spacing_and_middle_slice(studies):
 
 def test_scores():
     rng = np.random.default_rng(0)
-    truths = [StudyFacts(*draw_study_facts(rng)[:3], level=lv, on_middle_slice=i == 0)
-              for i, lv in enumerate(["肺门", "肺尖", "膈顶", "主动脉弓"])]
+    truths = [
+        StudyFacts(*draw_study_facts(rng)[:3], level=lv, on_middle_slice=i == 0)
+        for i, lv in enumerate(["肺门", "肺尖", "膈顶", "主动脉弓"])
+    ]
     reports = [write_study_report(t, rng) for t in truths]
-    assert score_study_reports(reports, truths) == {"side": 1.0, "lobe": 1.0, "level": 1.0, "size_within_2mm": 1.0,
-                                                    "all": 1.0, "n": 4}
-    wrong_level = [r.replace(t.level + "层面", ("肺尖" if t.level != "肺尖" else "肺门") + "层面")
-                   for r, t in zip(reports, truths)]
+    assert score_study_reports(reports, truths) == {
+        "side": 1.0,
+        "lobe": 1.0,
+        "level": 1.0,
+        "size_within_2mm": 1.0,
+        "all": 1.0,
+        "n": 4,
+    }
+    wrong_level = [
+        r.replace(t.level + "层面", ("肺尖" if t.level != "肺尖" else "肺门") + "层面") for r, t in zip(reports, truths)
+    ]
     scores = score_study_reports(wrong_level, truths)
     assert scores["level"] == 0.0 and scores["lobe"] == 1.0 and scores["all"] == 0.0
     assert score_study_reports(["未见结节。"] + reports[1:], truths, off_middle_only=True)["n"] == 3
     assert parse_study_facts("双肺未见异常。") is None
-

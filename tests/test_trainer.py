@@ -28,9 +28,7 @@ HIGH_LR = dict(bridge_learning_rate=1e-2, lora_learning_rate=1e-2, llm_learning_
     ],
     ids=["align", "finetune-lora", "unfreeze-last-layer"],
 )
-def test_trainable_params_move_and_frozen_ones_stay_bit_identical(micro_trainer,
-    tmp_path, overrides, trainable_parts
-):
+def test_trainable_params_move_and_frozen_ones_stay_bit_identical(micro_trainer, tmp_path, overrides, trainable_parts):
     trainer = micro_trainer(tmp_path, **HIGH_LR, **overrides)
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -65,10 +63,22 @@ def test_describe_trainable_rows(micro_config, make_args, tmp_path):
 
 
 def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_trainer, tmp_path):
-    lrs = dict(bridge_learning_rate=1e-3, qformer_learning_rate=1e-5, lora_learning_rate=2e-5,
-               llm_learning_rate=3e-5, vision_learning_rate=4e-6)
-    trainer = micro_trainer(tmp_path, config_overrides={"bridge_type": "qformer"}, stage="finetune",
-        use_lora=True, unfreeze_llm_layers=1, unfreeze_vision_tower=True, weight_decay=0.1, **lrs,
+    lrs = dict(
+        bridge_learning_rate=1e-3,
+        qformer_learning_rate=1e-5,
+        lora_learning_rate=2e-5,
+        llm_learning_rate=3e-5,
+        vision_learning_rate=4e-6,
+    )
+    trainer = micro_trainer(
+        tmp_path,
+        config_overrides={"bridge_type": "qformer"},
+        stage="finetune",
+        use_lora=True,
+        unfreeze_llm_layers=1,
+        unfreeze_vision_tower=True,
+        weight_decay=0.1,
+        **lrs,
     )
     optimizer = trainer.create_optimizer()
     names = {id(p): n for n, p in trainer.model.named_parameters()}
@@ -96,8 +106,10 @@ def test_optimizer_groups_have_module_lrs_and_no_decay_on_biases_norms(micro_tra
     [
         (dict(fp16=True), r"state-spaces/mamba#6"),
         (dict(stage="pretrain"), r"stage must be one of \('align', 'finetune'\)"),
-        (dict(stage="finetune", use_lora=True, lora_target_modules=["conv1d"]),
-         r"'conv1d' is not a safe target for any supported language model \(depthwise Conv1d"),
+        (
+            dict(stage="finetune", use_lora=True, lora_target_modules=["conv1d"]),
+            r"'conv1d' is not a safe target for any supported language model \(depthwise Conv1d",
+        ),
         (dict(stage="finetune", use_lora=True, lora_target_modules=["lm_head_typo"]), r"known: \('in_proj'"),
         (dict(use_lora=True), r"use_lora needs stage='finetune'"),
         (dict(guard_action="ignore"), r"guard_action must be one of \('warn', 'stop'\)"),
@@ -137,8 +149,9 @@ def test_argument_defaults(make_args, tmp_path):
 
 
 def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_trainer, tmp_path):
-    trainer = micro_trainer(tmp_path, activation_checkpointing=True, max_steps=1,
-                           bridge_learning_rate=1e-2, freeze_check_steps=0)
+    trainer = micro_trainer(
+        tmp_path, activation_checkpointing=True, max_steps=1, bridge_learning_rate=1e-2, freeze_check_steps=0
+    )
     assert getattr(trainer.model, "_require_grads_hook", None) is not None
     before = trainer.model.bridge.linear_1.weight.detach().clone()
     trainer.train()
@@ -147,8 +160,16 @@ def test_gradient_checkpointing_with_frozen_llm_still_trains_the_bridge(micro_tr
 
 
 def test_csv_log_and_loss_plot(micro_trainer, tmp_path):
-    trainer = micro_trainer(tmp_path, eval_data=True, max_steps=3, eval_strategy="steps",
-                           eval_steps=3, vision_probe=True, plot_loss=True, bridge_learning_rate=1e-3)
+    trainer = micro_trainer(
+        tmp_path,
+        eval_data=True,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+        vision_probe=True,
+        plot_loss=True,
+        bridge_learning_rate=1e-3,
+    )
     with pytest.warns(UserWarning):  # an untrained bridge: the vision probe says the model is blind
         trainer.train()
     with open(tmp_path / "train_log.csv", encoding="utf-8") as handle:
@@ -160,8 +181,10 @@ def test_csv_log_and_loss_plot(micro_trainer, tmp_path):
     assert rows[0]["train_vision_gap"] != "" and float(rows[0]["train_image_spread"]) > 0  # probed on the 1st batch
     assert float(rows[-1]["eval_loss"]) > 0 and rows[-1]["eval_vision_gap"] != ""
 
-    for png in (tmp_path / "train_log.png", plot_loss_curve(str(tmp_path / "train_log.csv"),
-                                                                    str(tmp_path / "again.png"))):
+    for png in (
+        tmp_path / "train_log.png",
+        plot_loss_curve(str(tmp_path / "train_log.csv"), str(tmp_path / "again.png")),
+    ):
         data = open(png, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     from PIL import Image
@@ -174,8 +197,7 @@ def test_csv_log_and_loss_plot(micro_trainer, tmp_path):
 def test_checkpoint_can_leave_out_frozen_vision_weights(micro_trainer, tmp_path):
     from safetensors import safe_open
 
-    trainer = micro_trainer(tmp_path, max_steps=1, save_frozen_vision_weights=False,
-                           freeze_check_steps=0)
+    trainer = micro_trainer(tmp_path, max_steps=1, save_frozen_vision_weights=False, freeze_check_steps=0)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     with safe_open(os.path.join(tmp_path, "final", "model.safetensors"), "pt") as handle:

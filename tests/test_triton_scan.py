@@ -109,8 +109,7 @@ CASES = [  # (L, chunk, block_d, use_D, use_z, use_bias, softplus)
 def test_fp32_matches_reference(ts, L, chunk, block_d, use_D, use_z, use_bias, softplus):
     """Output, final state and every gradient; odd lengths, partial chunks and channel blocks (width 5)."""
     kw = dict(use_D=use_D, use_z=use_z, use_bias=use_bias, positive_dt=not softplus)
-    got = run(ts.selective_scan, make_inputs(L, dtype=torch.float32, **kw), softplus, chunk_size=chunk,
-              block_d=block_d)
+    got = run(ts.selective_scan, make_inputs(L, dtype=torch.float32, **kw), softplus, chunk_size=chunk, block_d=block_d)
     ref = run(selective_scan_ref, make_inputs(L, dtype=torch.float64, **kw), softplus)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert set(got[2]) == {n for n in NAMES if make_inputs(1, **kw)[n] is not None}
@@ -120,8 +119,9 @@ def test_fp32_matches_reference(ts, L, chunk, block_d, use_D, use_z, use_bias, s
 def test_bf16_inputs_as_transformers_passes_them(ts):
     """u, delta, B, C, z in bf16; A, D, delta_bias in fp32 (the mixer's `.float()` calls)."""
     ins = make_inputs(45, batch=2, width=6, state=8, dtype=torch.float32, seed=3)
-    low = {k: (v.detach().to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v.detach())
-           for k, v in ins.items()}
+    low = {
+        k: (v.detach().to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v.detach()) for k, v in ins.items()
+    }
     low = {k: v.requires_grad_() for k, v in low.items()}
     got = run(ts.selective_scan, low, True, chunk_size=16, block_d=4)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
@@ -133,8 +133,7 @@ def test_bf16_inputs_as_transformers_passes_them(ts):
 def test_long_sequence_large_decay_is_stable(ts):
     """L=1000 with dt up to ~5 and A ~ -10: dt*A ~ -50 per step, ~-2e4 cumulated (exp(-cumsum)
     would overflow fp32 after a few steps)."""
-    ins = make_inputs(1000, batch=1, width=3, state=4, dtype=torch.float32, use_bias=False, seed=1,
-                      a_scale=10.0)
+    ins = make_inputs(1000, batch=1, width=3, state=4, dtype=torch.float32, use_bias=False, seed=1, a_scale=10.0)
     with torch.no_grad():
         ins["delta"].mul_(4.0).add_(2.0)
     got = run(ts.selective_scan, ins, True, chunk_size=32, block_d=4)
@@ -149,10 +148,8 @@ def test_no_grad_path_keeps_no_states_and_matches(ts, L, chunk):
     ins = make_inputs(L, dtype=torch.float32)
     args = [ins[n].detach() for n in NAMES]
     with torch.no_grad():
-        out, last = ts.selective_scan(*args, delta_softplus=True, return_last_state=True, chunk_size=chunk,
-                                      block_d=4)
-    ref_out, ref_last = selective_scan_ref(*[a.double() for a in args], delta_softplus=True,
-                                           return_last_state=True)
+        out, last = ts.selective_scan(*args, delta_softplus=True, return_last_state=True, chunk_size=chunk, block_d=4)
+    ref_out, ref_last = selective_scan_ref(*[a.double() for a in args], delta_softplus=True, return_last_state=True)
     assert out.grad_fn is None
     torch.testing.assert_close(out, ref_out.float(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(last, ref_last.float(), rtol=2e-5, atol=2e-6)
@@ -166,10 +163,20 @@ def test_strided_inputs_like_the_mamba_mixer(ts):
     u = det["u"].transpose(1, 2).contiguous().requires_grad_()  # (B, L, D)
     bc = torch.cat([det["B"], det["C"]], 1).transpose(1, 2).contiguous().requires_grad_()  # (B, L, 2N)
     rest = {k: det[k].clone().requires_grad_() for k in ("delta", "A", "D", "z", "delta_bias")}
-    out, last = ts.selective_scan(u.transpose(1, 2), rest["delta"], rest["A"], bc[..., :4].transpose(1, 2),
-                                  bc[..., 4:].transpose(1, 2), D=rest["D"], z=rest["z"],
-                                  delta_bias=rest["delta_bias"], delta_softplus=True, return_last_state=True,
-                                  chunk_size=8, block_d=2)
+    out, last = ts.selective_scan(
+        u.transpose(1, 2),
+        rest["delta"],
+        rest["A"],
+        bc[..., :4].transpose(1, 2),
+        bc[..., 4:].transpose(1, 2),
+        D=rest["D"],
+        z=rest["z"],
+        delta_bias=rest["delta_bias"],
+        delta_softplus=True,
+        return_last_state=True,
+        chunk_size=8,
+        block_d=2,
+    )
     g_out = torch.randn(2, 21, 5, generator=torch.Generator().manual_seed(9)).transpose(1, 2)  # strided
     (out * g_out).sum().backward()
     ref = {k: v.clone().requires_grad_() for k, v in det.items()}
@@ -177,8 +184,9 @@ def test_strided_inputs_like_the_mamba_mixer(ts):
     (ref_out * g_out).sum().backward()
     torch.testing.assert_close(out, ref_out, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(u.grad.transpose(1, 2), ref["u"].grad, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(bc.grad.transpose(1, 2), torch.cat([ref["B"].grad, ref["C"].grad], 1),
-                               rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(
+        bc.grad.transpose(1, 2), torch.cat([ref["B"].grad, ref["C"].grad], 1), rtol=2e-4, atol=2e-5
+    )
     for k in rest:
         torch.testing.assert_close(rest[k].grad, ref[k].grad, rtol=2e-4, atol=2e-5, msg=k)
 
@@ -304,11 +312,20 @@ def test_kernels_compile_for_cuda_without_a_gpu(arch, monkeypatch):
     assert not module._interpreted()
     bf16 = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "gout_ptr", "gu_ptr", "gdt_ptr", "gz_ptr"}
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=8, BLOCK_N=16, BLOCK_L=32)
-    for kernel, extra in ((module._scan_fwd_kernel, {"STORE_STATES": True}), (module._scan_bwd_kernel, {"HAS_GLAST": True})):
+    for kernel, extra in (
+        (module._scan_fwd_kernel, {"STORE_STATES": True}),
+        (module._scan_bwd_kernel, {"HAS_GLAST": True}),
+    ):
         constexprs = dict(flags, **extra)
-        signature = {name: "constexpr" if name in constexprs else
-                     (("*bf16" if name in bf16 else "*fp32") if name.endswith("_ptr") else "i32")
-                     for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": 8, "enable_fp_fusion": True})
+        signature = {
+            name: "constexpr"
+            if name in constexprs
+            else (("*bf16" if name in bf16 else "*fp32") if name.endswith("_ptr") else "i32")
+            for name in kernel.arg_names
+        }
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": 8, "enable_fp_fusion": True},
+        )
         assert compiled.asm["cubin"], kernel.__name__

@@ -57,8 +57,10 @@ def test_bad_images_anywhere_are_named_before_step_0(csvs, micro_processor, tmp_
     for row_id, problem in zip(row_ids, ("file not found", "empty (0 bytes)", "cannot read image")):
         assert f"row_id {row_id}: " in message and problem in message, message
     assert "bad_3.png" in message and "bad_14.png" in message
-    assert validate_dataset_images(load_training_dataset(str(train_csv), micro_processor), str(train_csv),
-                                   progress=False) == 16
+    assert (
+        validate_dataset_images(load_training_dataset(str(train_csv), micro_processor), str(train_csv), progress=False)
+        == 16
+    )
 
 
 def test_oversized_image_is_caught_by_the_header_check(csvs, micro_processor, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ SIDES, LOBES = ("左", "右"), ("上叶", "下叶")
 def _image(side: int, lobe: int, rng, mode: str) -> Image.Image:
     pixels = np.zeros((32, 32)) if mode == "black" else rng.normal(60, 8, (32, 32))
     if mode == "quadrant":
-        pixels[lobe * 16:(lobe + 1) * 16, side * 16:(side + 1) * 16] += 150
+        pixels[lobe * 16 : (lobe + 1) * 16, side * 16 : (side + 1) * 16] += 150
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
@@ -67,11 +67,28 @@ def scenario_data(tmp_path_factory, micro_processor):
 def _recipe(scenario_data, out, mode="quadrant", **overrides) -> dict:
     files, processor = scenario_data
     recipe = dict(
-        tiny_preset="micro", max_visual_tokens=4, processor_name_or_path=processor, train_file=files[mode],
-        output_dir=str(out), max_steps=60, per_device_train_batch_size=8, logging_steps=2, vision_probe_steps=5,
-        save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, report_to="none",
-        stage="finetune", unfreeze_llm_layers=-1, learning_rate=1e-2, bridge_learning_rate=1e-2,
-        llm_learning_rate=1e-2, guard_action="warn", plot_loss=False, seed=0,
+        tiny_preset="micro",
+        max_visual_tokens=4,
+        processor_name_or_path=processor,
+        train_file=files[mode],
+        output_dir=str(out),
+        max_steps=60,
+        per_device_train_batch_size=8,
+        logging_steps=2,
+        vision_probe_steps=5,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        report_to="none",
+        stage="finetune",
+        unfreeze_llm_layers=-1,
+        learning_rate=1e-2,
+        bridge_learning_rate=1e-2,
+        llm_learning_rate=1e-2,
+        guard_action="warn",
+        plot_loss=False,
+        seed=0,
     )
     recipe.update(overrides)
     return recipe
@@ -146,8 +163,15 @@ def test_b_frozen_lm_bridge_only_no_eval_file_is_not_learning(scenario_data, tmp
     """Through the CLI with guard_action stop: detected within the first third, exit 4, weights kept."""
     from hf_vlm.cli import main
 
-    recipe = _recipe(scenario_data, tmp_path / "out", stage="align", unfreeze_llm_layers=0, guard_action="stop",
-                     save_strategy="steps", save_steps=10)
+    recipe = _recipe(
+        scenario_data,
+        tmp_path / "out",
+        stage="align",
+        unfreeze_llm_layers=0,
+        guard_action="stop",
+        save_strategy="steps",
+        save_steps=10,
+    )
     path = tmp_path / "stuck.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     assert main(["train", str(path)]) == NOT_LEARNING_EXIT_CODE
@@ -163,8 +187,13 @@ def test_b_frozen_lm_bridge_only_no_eval_file_is_not_learning(scenario_data, tmp
 def test_c_labels_leaking_the_answer_are_a_leak(scenario_data, tmp_path, monkeypatch):
     from hf_vlm.training import builder
 
-    monkeypatch.setattr(builder, "build_collator", lambda data_args, processor: EchoLabels(
-        processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id, tokenizer=processor.tokenizer))
+    monkeypatch.setattr(
+        builder,
+        "build_collator",
+        lambda data_args, processor: EchoLabels(
+            processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id, tokenizer=processor.tokenizer
+        ),
+    )
     result = _run(_recipe(scenario_data, tmp_path))
     _assert_own_verdict("c leak", result, "leak")
 
@@ -206,13 +235,19 @@ def _state(step):
 def test_probe_batch_size_one_uses_the_previous_batch_and_cached_features(key):
     probe, model = TrainVisionProbe(every=2), LooksAtImage()
     first, second = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
-    out = probe.observe_batch(None, _state(0), None, {key: first, "labels": torch.zeros(1, 3), "reference": first},
-                              model)  # no previous batch: the constant (mean) image
+    out = probe.observe_batch(
+        None, _state(0), None, {key: first, "labels": torch.zeros(1, 3), "reference": first}, model
+    )  # no previous batch: the constant (mean) image
     assert float(out["train_vision_loss_true"]) == 0 and float(out["train_image_spread"]) == 0
-    assert probe.observe_batch(None, _state(1), None, {key: second, "labels": torch.zeros(1, 3),
-                                                       "reference": second}, model) is None  # not due
-    out = probe.observe_batch(None, _state(2), None, {key: first, "labels": torch.zeros(1, 3), "reference": first},
-                              model)
+    assert (
+        probe.observe_batch(
+            None, _state(1), None, {key: second, "labels": torch.zeros(1, 3), "reference": second}, model
+        )
+        is None
+    )  # not due
+    out = probe.observe_batch(
+        None, _state(2), None, {key: first, "labels": torch.zeros(1, 3), "reference": first}, model
+    )
     assert float(out["train_vision_loss_shuffled"]) == 1.0 and float(out["train_image_spread"]) == 1.0
     logs = {k: float(v) for k, v in out.items()}
     probe.annotate_logs(None, None, logs)
@@ -220,15 +255,23 @@ def test_probe_batch_size_one_uses_the_previous_batch_and_cached_features(key):
 
 
 def test_probe_runs_once_per_optimizer_step_with_gradient_accumulation(micro_trainer, tmp_path):
-    trainer = micro_trainer(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                            vision_probe_steps=1, freeze_check_steps=0)
+    trainer = micro_trainer(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        vision_probe_steps=1,
+        freeze_check_steps=0,
+    )
     probe = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainVisionProbe))
     trainer.train()
     assert probe.probes == 2  # 4 micro-batches, 2 optimizer steps
     logged = [h for h in trainer.state.log_history if "train_vision_gap" in h]
     assert len(logged) == 2 and all(h["train_image_spread"] > 0 for h in logged)
-    assert all(abs(h["train_vision_gap"] - (h["train_vision_loss_shuffled"] - h["train_vision_loss_true"])) < 1e-9
-               for h in logged)
+    assert all(
+        abs(h["train_vision_gap"] - (h["train_vision_loss_shuffled"] - h["train_vision_loss_true"])) < 1e-9
+        for h in logged
+    )
 
 
 def test_plateau_states_the_window_and_the_improvement():

@@ -16,7 +16,8 @@ import typing
 from hf_vlm.data.cleaning import REASONS, CleaningConfig
 
 EPILOG = "rejection reasons (first failing check wins):\n" + "\n".join(
-    f"  {name:<24} {meaning}" for name, meaning in REASONS.items())
+    f"  {name:<24} {meaning}" for name, meaning in REASONS.items()
+)
 
 
 def _base_type(annotation) -> type:
@@ -33,12 +34,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls=CleaningCon
         kind, help_text = _base_type(hints[f.name]), f.metadata.get("help", "")
         if kind is bool:
             flag = f"--no_{f.name}" if f.default else f"--{f.name}"
-            group.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                               default=argparse.SUPPRESS, help=("Turn off: " if f.default else "") + help_text)
+            group.add_argument(
+                flag,
+                dest=f.name,
+                action="store_false" if f.default else "store_true",
+                default=argparse.SUPPRESS,
+                help=("Turn off: " if f.default else "") + help_text,
+            )
         else:
             shown = "" if f.default is None or "default" in help_text else f" (default: {f.default})"
-            group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                               help=help_text + shown)
+            group.add_argument(
+                f"--{f.name}",
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=kind.__name__.upper(),
+                help=help_text + shown,
+            )
 
 
 def config_from_args(args: argparse.Namespace, config_cls=CleaningConfig):
@@ -50,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="caption CSV/TSV or Excel (.xlsx) file(s)")
-    parser.add_argument("--output_dir", default=None, help="where *_clean.csv / *_rejects.csv go (default: next to the input)")
+    parser.add_argument(
+        "--output_dir", default=None, help="where *_clean.csv / *_rejects.csv go (default: next to the input)"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not print the summary table")
     add_config_arguments(parser)
 

@@ -32,10 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=5, help="generated reports to print next to the truth")
-    parser.add_argument("--studies", action="store_true",
-                        help="train on synthetic CT studies (recipes/tiny_demo_3d.yaml) and score side/lobe/size/level")
-    parser.add_argument("--middle_baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="with --studies: also train the same recipe on the middle slice only (baseline)")
+    parser.add_argument(
+        "--studies",
+        action="store_true",
+        help="train on synthetic CT studies (recipes/tiny_demo_3d.yaml) and score side/lobe/size/level",
+    )
+    parser.add_argument(
+        "--middle_baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --studies: also train the same recipe on the middle slice only (baseline)",
+    )
 
 
 def run_stages(args) -> dict:
@@ -58,13 +65,23 @@ def run_stages(args) -> dict:
     }
     align = train_from_recipe(
         "tiny_demo",
-        {**common, "stage": "align", "unfreeze_llm_layers": 0, "max_steps": args.align_steps,
-         "save_strategy": "no", "output_dir": os.path.join(args.output_dir, "align")},
+        {
+            **common,
+            "stage": "align",
+            "unfreeze_llm_layers": 0,
+            "max_steps": args.align_steps,
+            "save_strategy": "no",
+            "output_dir": os.path.join(args.output_dir, "align"),
+        },
     )
     return train_from_recipe(
         "tiny_demo",
-        {**common, "init_from": align["output_dir"], "max_steps": args.finetune_steps,
-         "output_dir": os.path.join(args.output_dir, "final")},
+        {
+            **common,
+            "init_from": align["output_dir"],
+            "max_steps": args.finetune_steps,
+            "output_dir": os.path.join(args.output_dir, "final"),
+        },
     )
 
 
@@ -112,8 +129,10 @@ def run(args) -> int:
     summary = {"model": scores, "blind_shuffled_images": blind, "chance": chance, "seconds": time.time() - start}
     health = final.get("health")
     if health:  # the verdict of Stage 2 and its last train_vision_gap (Stage 1 trains a bridge on a frozen LM)
-        summary["health"] = {"verdict": health["verdict"],
-                             "train_vision_gap": health["probes"][-1]["gap"] if health["probes"] else None}
+        summary["health"] = {
+            "verdict": health["verdict"],
+            "train_vision_gap": health["probes"][-1]["gap"] if health["probes"] else None,
+        }
     with open(os.path.join(args.output_dir, "demo_scores.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2, ensure_ascii=False)
     if health:

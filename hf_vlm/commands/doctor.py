@@ -42,12 +42,30 @@ KNOWN_TEXT = {
     "state-spaces/mamba-130m-hf": dict(hidden_size=768, num_hidden_layers=24),
 }
 KNOWN_VISION = {
-    "openai/clip-vit-large-patch14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                          intermediate_size=4096, image_size=224, patch_size=14),
-    "openai/clip-vit-large-patch14-336": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                              intermediate_size=4096, image_size=336, patch_size=14),
-    "openai/clip-vit-base-patch16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                         intermediate_size=3072, image_size=224, patch_size=16),
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        image_size=224,
+        patch_size=14,
+    ),
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        image_size=336,
+        patch_size=14,
+    ),
+    "openai/clip-vit-base-patch16": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+    ),
 }
 
 
@@ -74,7 +92,9 @@ def check_int8(device: str) -> str:
     from ..loading import bnb_quantization_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, state_size=4)).save_pretrained(tmp)
+        MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, state_size=4)).save_pretrained(
+            tmp
+        )
         model = MambaForCausalLM.from_pretrained(tmp, quantization_config=bnb_quantization_config(), device_map=device)
     int8 = any(p.dtype == torch.int8 for p in model.parameters())
     embeds = model.get_input_embeddings()(torch.tensor([[1, 2, 3]], device=device)).detach().requires_grad_(True)
@@ -89,27 +109,50 @@ def environment_rows(test_int8: bool = True) -> list[tuple[str, str]]:
 
     from ..ops import mamba_kernels_available, scan_ladder_report
 
-    rows = [("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"),
-            ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none: CPU-only wheel'})")]
+    rows = [
+        ("python", f"{sys.version.split()[0]} on {platform.system()} {platform.machine()}"),
+        ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none: CPU-only wheel'})"),
+    ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.1f} GB, compute {p.major}.{p.minor}"))
-        rows.append(("bf16", "supported: use bf16 (never fp16 with Mamba)" if torch.cuda.is_bf16_supported()
-                     else "NOT supported on this GPU: train in fp32"))
+        rows.append(
+            (
+                "bf16",
+                "supported: use bf16 (never fp16 with Mamba)"
+                if torch.cuda.is_bf16_supported()
+                else "NOT supported on this GPU: train in fp32",
+            )
+        )
     else:
-        rows.append(("cuda", "not available: training runs on the CPU (a CPU-only torch on a GPU machine? "
-                             "reinstall torch from the CUDA index)"))
+        rows.append(
+            (
+                "cuda",
+                "not available: training runs on the CPU (a CPU-only torch on a GPU machine? "
+                "reinstall torch from the CUDA index)",
+            )
+        )
         rows.append(("bf16", "CPU: fp32 training (bf16 autocast on CPU is slow and not used)"))
     kernels = mamba_kernels_available()
-    rows.append(("mamba-ssm", f"mamba_ssm {_version('mamba_ssm') or 'not installed'}, causal_conv1d "
-                              f"{_version('causal_conv1d') or 'not installed'}: kernels "
-                              f"{'ACTIVE' if kernels else 'not active'}"))
+    rows.append(
+        (
+            "mamba-ssm",
+            f"mamba_ssm {_version('mamba_ssm') or 'not installed'}, causal_conv1d "
+            f"{_version('causal_conv1d') or 'not installed'}: kernels "
+            f"{'ACTIVE' if kernels else 'not active'}",
+        )
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ladder = scan_ladder_report(device)
     used = next(rung for rung, status in ladder if status == "used")
-    rows.append(("scan backend", f"{used}: what the Mamba layers of hf_vlm models run on {device} "
-                                 f"(HF_VLM_SCAN_BACKEND forces a rung, HF_VLM_FAST_SCAN=0 turns routing off)"))
+    rows.append(
+        (
+            "scan backend",
+            f"{used}: what the Mamba layers of hf_vlm models run on {device} "
+            f"(HF_VLM_SCAN_BACKEND forces a rung, HF_VLM_FAST_SCAN=0 turns routing off)",
+        )
+    )
     rows += [(f"  {rung}", status) for rung, status in ladder if status != "used"]
     bnb = _version("bitsandbytes")
     status = "not installed: llm_8bit unavailable"
@@ -133,11 +176,15 @@ def _accelerate_config() -> str:
     except ImportError:
         return "accelerate not importable"
     if not os.path.isfile(default_config_file):
-        return (f"no default ({default_config_file}); pass --config_file accelerate_configs/<name>.yaml "
-                "to accelerate launch")
+        return (
+            f"no default ({default_config_file}); pass --config_file accelerate_configs/<name>.yaml "
+            "to accelerate launch"
+        )
     config = load_config_from_file(default_config_file)
-    return (f"{default_config_file}: {config.distributed_type}, {config.num_processes} process(es), "
-            f"mixed_precision={config.mixed_precision}")
+    return (
+        f"{default_config_file}: {config.distributed_type}, {config.num_processes} process(es), "
+        f"mixed_precision={config.mixed_precision}"
+    )
 
 
 # --- memory estimate ----------------------------------------------------------------------------
@@ -164,8 +211,10 @@ def resolve_configs(model_args, vocab_size: int | None = None):
         config = MambaVLMConfig.from_pretrained(model_args.init_from)
         return config.vision_config, config.text_config
     if model_args.vision_model_name_or_path and model_args.language_model_name_or_path:
-        return (_load_config(model_args.vision_model_name_or_path, KNOWN_VISION, "vision"),
-                _load_config(model_args.language_model_name_or_path, KNOWN_TEXT, "text"))
+        return (
+            _load_config(model_args.vision_model_name_or_path, KNOWN_VISION, "vision"),
+            _load_config(model_args.language_model_name_or_path, KNOWN_TEXT, "text"),
+        )
     if model_args.tiny_preset:
         return tiny_vision_config(model_args.tiny_preset), tiny_text_config(vocab_size or 600, model_args.tiny_preset)
     raise ValueError("The recipe names no model (init_from, components or tiny_preset)")
@@ -174,8 +223,11 @@ def resolve_configs(model_args, vocab_size: int | None = None):
 def _quantized_names(language_model, skip) -> set[str]:
     from torch import nn
 
-    return {f"language_model.{name}.weight" for name, module in language_model.named_modules()
-            if isinstance(module, nn.Linear) and not any(s in name.split(".") for s in skip)}
+    return {
+        f"language_model.{name}.weight"
+        for name, module in language_model.named_modules()
+        if isinstance(module, nn.Linear) and not any(s in name.split(".") for s in skip)
+    }
 
 
 def _lora_params(language_model, args) -> int:
@@ -203,9 +255,13 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
     from ..training.freeze import intended_trainable
 
     vision, text = resolve_configs(model_args)
-    config = MambaVLMConfig(vision_config=vision, text_config=text, bridge_type=model_args.bridge_type,
-                            max_visual_tokens=model_args.max_visual_tokens,
-                            vision_feature_layer=model_args.vision_feature_layer)
+    config = MambaVLMConfig(
+        vision_config=vision,
+        text_config=text,
+        bridge_type=model_args.bridge_type,
+        max_visual_tokens=model_args.max_visual_tokens,
+        vision_feature_layer=model_args.vision_feature_layer,
+    )
     with torch.device("meta"):  # shapes only: a 2.8B model costs no memory here
         model = MambaVLMForConditionalGeneration(config)
     family = get_family(text)  # sizes and skip list per LM family (hf_vlm.backbones)
@@ -230,8 +286,11 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
     a = 2 if training_args.bf16 else 4
     if family.scan == SCAN_MAMBA1:
         backend = scan_backend or ("mamba_ssm" if mamba_kernels_available() else "hf_vlm_chunked")
-        scan = {"transformers_reference": 4 * B * E * L * N * 4, "hf_vlm_chunked": math.ceil(L / 64) * B * E * N * 4,
-                "mamba_ssm": 0}[backend]
+        scan = {
+            "transformers_reference": 4 * B * E * L * N * 4,
+            "hf_vlm_chunked": math.ceil(L / 64) * B * E * N * 4,
+            "mamba_ssm": 0,
+        }[backend]
     else:  # Mamba-2 SSD: transformers' chunked path keeps per-chunk states (benchmarks/bench_families.py)
         backend = scan_backend or ("mamba_ssm" if mamba_kernels_available() else "transformers_ssd")
         scan = 0 if backend == "mamba_ssm" else math.ceil(L / (dims.chunk or 256)) * B * E * N * 4
@@ -249,18 +308,35 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
         "activations": float(activations),
         "logits": 2.0 * B * L * text.vocab_size * 4,
     }
-    return {"terms": terms, "total": sum(terms.values()), "trainable_params": trainable, "frozen_params": frozen,
-            "lora_params": lora, "llm_params": sum(p.numel() for p in model.language_model.parameters()),
-            "family": family.model_type,
-            "batch": B, "length": L, "backend": backend, "precision": "bf16" if a == 2 else "fp32"}
+    return {
+        "terms": terms,
+        "total": sum(terms.values()),
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "lora_params": lora,
+        "llm_params": sum(p.numel() for p in model.language_model.parameters()),
+        "family": family.model_type,
+        "batch": B,
+        "length": L,
+        "backend": backend,
+        "precision": "bf16" if a == 2 else "fp32",
+    }
 
 
 def memory_rows(estimate: dict) -> list[tuple[str, str]]:
-    rows = [("parameters", f"{estimate['trainable_params'] / 1e6:.1f}M trainable (LoRA {estimate['lora_params'] / 1e6:.1f}M),"
-                           f" {estimate['frozen_params'] / 1e6:.1f}M frozen; LLM ({estimate['family']}) "
-                           f"{estimate['llm_params'] / 1e9:.2f}B"),
-            ("shape", f"batch {estimate['batch']} x {estimate['length']} tokens, {estimate['precision']}, "
-                      f"scan {estimate['backend']}")]
+    rows = [
+        (
+            "parameters",
+            f"{estimate['trainable_params'] / 1e6:.1f}M trainable (LoRA {estimate['lora_params'] / 1e6:.1f}M),"
+            f" {estimate['frozen_params'] / 1e6:.1f}M frozen; LLM ({estimate['family']}) "
+            f"{estimate['llm_params'] / 1e9:.2f}B",
+        ),
+        (
+            "shape",
+            f"batch {estimate['batch']} x {estimate['length']} tokens, {estimate['precision']}, "
+            f"scan {estimate['backend']}",
+        ),
+    ]
     rows += [(f"  {k}", f"{v / 2**30:.2f} GB") for k, v in estimate["terms"].items()]
     rows.append(("estimated total", f"{estimate['total'] / 2**30:.2f} GB per process (+0.5-1 GB CUDA context)"))
     return rows
@@ -283,7 +359,11 @@ def run(args) -> int:
         except (ValueError, FileNotFoundError) as error:
             print(f"\nmemory estimate: not available: {error}")
             return 2
-        print("\n" + format_rows(f"memory estimate for {info['recipe_path']} (stage {training_args.stage})",
-                                 memory_rows(estimate)))
+        print(
+            "\n"
+            + format_rows(
+                f"memory estimate for {info['recipe_path']} (stage {training_args.stage})", memory_rows(estimate)
+            )
+        )
         print("\n" + MEMORY_FORMULA)
     return 0

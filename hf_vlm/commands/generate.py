@@ -25,20 +25,33 @@ import sys
 from pathlib import Path
 
 from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
+
 FIELDS = ("image_path", "prompt", "report", "error")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="folder with the saved model and processor")
-    parser.add_argument("--images", required=True, help="an image file, a folder of images, or a CSV with an image_path column")
-    parser.add_argument("--output", default=None, help="reports.csv or reports.jsonl (default: reports.csv; one image: print only)")
+    parser.add_argument(
+        "--images", required=True, help="an image file, a folder of images, or a CSV with an image_path column"
+    )
+    parser.add_argument(
+        "--output", default=None, help="reports.csv or reports.jsonl (default: reports.csv; one image: print only)"
+    )
     parser.add_argument("--recursive", action="store_true", help="also take images from sub-folders of --images")
-    parser.add_argument("--prompt", default=None, help="prompt for rows without one (default: the processor's training prompt)")
-    parser.add_argument("--image_root", default=None, help="folder that relative CSV paths are relative to (default: the CSV's folder)")
+    parser.add_argument(
+        "--prompt", default=None, help="prompt for rows without one (default: the processor's training prompt)"
+    )
+    parser.add_argument(
+        "--image_root", default=None, help="folder that relative CSV paths are relative to (default: the CSV's folder)"
+    )
     parser.add_argument("--path_map", default=None, help="rewrite path prefixes, e.g. 'D:/data=/mnt/d/data'")
-    parser.add_argument("--max_slices", type=int, default=None,
-                        help=f"2-D checkpoints: slices taken from a DICOM series / NIfTI volume (default "
-                             f"{DEFAULT_MAX_SLICES}); study checkpoints: must equal their num_slices")
+    parser.add_argument(
+        "--max_slices",
+        type=int,
+        default=None,
+        help=f"2-D checkpoints: slices taken from a DICOM series / NIfTI volume (default "
+        f"{DEFAULT_MAX_SLICES}); study checkpoints: must equal their num_slices",
+    )
     parser.add_argument("--num_slices", type=int, default=None, help="study checkpoints: must equal the saved setting")
     parser.add_argument("--slice_sampling", default=None, help="study checkpoints: must equal the saved setting")
     parser.add_argument("--windows", nargs="+", default=None, help="study checkpoints: must equal the saved CT windows")
@@ -48,14 +61,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy / beam decoding")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do_sample)")
     parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (with --do_sample)")
-    parser.add_argument("--repetition_penalty", type=float, default=None, help=">1 discourages loops such as '左肺上叶左肺上叶…'")
-    parser.add_argument("--no_repeat_ngram_size", type=int, default=None, help="forbid repeating any n-gram of this size")
-    parser.add_argument("--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)")
-    parser.add_argument("--llm_8bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
-                             "8-bit-trained checkpoint in full precision (a note is printed)")
-    parser.add_argument("--llm_4bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision")
+    parser.add_argument(
+        "--repetition_penalty", type=float, default=None, help=">1 discourages loops such as '左肺上叶左肺上叶…'"
+    )
+    parser.add_argument(
+        "--no_repeat_ngram_size", type=int, default=None, help="forbid repeating any n-gram of this size"
+    )
+    parser.add_argument(
+        "--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)"
+    )
+    parser.add_argument(
+        "--llm_8bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
+        "8-bit-trained checkpoint in full precision (a note is printed)",
+    )
+    parser.add_argument(
+        "--llm_4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 …")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -67,7 +94,9 @@ def list_inputs(args) -> tuple[list[dict], str | None]:
     if source.is_dir():
         files = _folder_inputs(source, args.recursive)
         if not files:
-            raise ValueError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}){'' if args.recursive else '; try --recursive'}")
+            raise ValueError(
+                f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}){'' if args.recursive else '; try --recursive'}"
+            )
         return [{"image_path": str(p), "prompt": args.prompt or "", "source": str(p)} for p in files], None
     if not source.is_file():
         raise ValueError(f"{source}: no such file or folder")
@@ -80,8 +109,14 @@ def list_inputs(args) -> tuple[list[dict], str | None]:
         reader = csv.DictReader(handle)
         if "image_path" not in (reader.fieldnames or []):
             raise ValueError(f"{source}: no image_path column (columns: {', '.join(reader.fieldnames or [])})")
-        rows = [{"image_path": r["image_path"] or "", "prompt": (r.get("prompt") or "").strip() or args.prompt or "",
-                 "source": r["image_path"] or ""} for r in reader]
+        rows = [
+            {
+                "image_path": r["image_path"] or "",
+                "prompt": (r.get("prompt") or "").strip() or args.prompt or "",
+                "source": r["image_path"] or "",
+            }
+            for r in reader
+        ]
     if not rows:
         raise ValueError(f"{source}: no rows")
     return rows, str(source.parent)
@@ -115,8 +150,10 @@ def refuse_overwriting_input(args) -> None:
     output, source = Path(args.output), Path(args.images)
     same = output.resolve() == source.resolve() or (output.exists() and output.samefile(source))
     if same:
-        raise ValueError(f"--output {args.output} is the input file --images {args.images}: writing the reports "
-                         "there would destroy it (and its reference captions). Choose another --output.")
+        raise ValueError(
+            f"--output {args.output} is the input file --images {args.images}: writing the reports "
+            "there would destroy it (and its reference captions). Choose another --output."
+        )
 
 
 def _load(row: dict, args, base_dir: str | None, settings=None):
@@ -124,12 +161,18 @@ def _load(row: dict, args, base_dir: str | None, settings=None):
     if settings is not None:
         from ..data.studies import load_study
 
-        return [load_study(row["source"], settings, image_root=args.image_root, path_map=args.path_map,
-                           base_dir=base_dir)]
+        return [
+            load_study(row["source"], settings, image_root=args.image_root, path_map=args.path_map, base_dir=base_dir)
+        ]
     from ..data.images import load_images
 
-    return load_images(row["source"], image_root=args.image_root, path_map=args.path_map,
-                       base_dir=base_dir, max_slices=args.max_slices or DEFAULT_MAX_SLICES)
+    return load_images(
+        row["source"],
+        image_root=args.image_root,
+        path_map=args.path_map,
+        base_dir=base_dir,
+        max_slices=args.max_slices or DEFAULT_MAX_SLICES,
+    )
 
 
 def check_study_arguments(args, processor) -> None:
@@ -181,12 +224,22 @@ def run(args) -> int:
         refuse_overwriting_input(args)
         rows, base_dir = list_inputs(args)
         gen_kwargs = build_generate_kwargs(
-            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-            top_p=args.top_p, num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size)
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            num_beams=args.num_beams,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+        )
         model, processor, settings = load_for_inference(
-            args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
-            llm_4bit=args.llm_4bit, device=args.device, dtype=args.dtype)
+            args.checkpoint,
+            max_visual_tokens=args.max_visual_tokens,
+            llm_8bit=args.llm_8bit,
+            llm_4bit=args.llm_4bit,
+            device=args.device,
+            dtype=args.dtype,
+        )
         check_study_arguments(args, processor)
     except (SettingsMismatchError, ValueError, OSError) as exc:
         print(f"hf-vlm generate: error: {exc}", file=sys.stderr)
@@ -202,7 +255,7 @@ def run(args) -> int:
     try:
         bar = tqdm(total=len(rows), desc="generate", unit="image", disable=args.no_progress or single)
         for start in range(0, len(rows), max(args.batch_size, 1)):
-            batch, ready, images = rows[start:start + args.batch_size], [], []
+            batch, ready, images = rows[start : start + args.batch_size], [], []
             for row in batch:
                 try:
                     images.append(_load(row, args, base_dir, processor.study_settings))
@@ -215,8 +268,9 @@ def run(args) -> int:
                     from transformers import TextStreamer
 
                     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-                reports = generate_batch(model, processor, images, [r["prompt"] for r in ready],
-                                         streamer=streamer, **gen_kwargs)
+                reports = generate_batch(
+                    model, processor, images, [r["prompt"] for r in ready], streamer=streamer, **gen_kwargs
+                )
                 for row, report in zip(ready, reports):
                     row["report"], row["error"] = report, ""
                 if single and streamer is None:
@@ -231,6 +285,8 @@ def run(args) -> int:
     finally:
         writer.close()
     if output:
-        print(f"wrote {len(rows)} rows ({len(rows) - n_errors} reports, {n_errors} unreadable images) to {output}",
-              file=sys.stderr if single else sys.stdout)
+        print(
+            f"wrote {len(rows)} rows ({len(rows) - n_errors} reports, {n_errors} unreadable images) to {output}",
+            file=sys.stderr if single else sys.stdout,
+        )
     return 1 if n_errors == len(rows) else 0

@@ -61,10 +61,22 @@ def preflight_overrides(recipe, overrides) -> dict:
     raw = recipe if isinstance(recipe, dict) else load_recipe_dict(resolve_recipe_path(recipe))
     output_dir = user.get("output_dir", raw.get("output_dir")) or "trainer_output"
     forced = {
-        "max_steps": 1, "gradient_accumulation_steps": 1, "warmup_steps": 0, "lr_scheduler_type": "constant",
-        "save_strategy": "no", "eval_strategy": "no", "load_best_model_at_end": False, "push_to_hub": False,
-        "report_to": "none", "logging_steps": 1, "plot_loss": False, "freeze_check_steps": 1,
-        "vision_probe": False, "resume_from_checkpoint": None, "guard_action": "stop", "disable_tqdm": True,
+        "max_steps": 1,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 0,
+        "lr_scheduler_type": "constant",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "load_best_model_at_end": False,
+        "push_to_hub": False,
+        "report_to": "none",
+        "logging_steps": 1,
+        "plot_loss": False,
+        "freeze_check_steps": 1,
+        "vision_probe": False,
+        "resume_from_checkpoint": None,
+        "guard_action": "stop",
+        "disable_tqdm": True,
         "output_dir": os.path.join(tempfile.mkdtemp(prefix="hf_vlm_preflight_"), "run"),
         "synthetic_dir": user.get("synthetic_dir", raw.get("synthetic_dir")) or os.path.join(output_dir, "assets"),
     }
@@ -102,8 +114,13 @@ def check_masks(run) -> list[tuple[str, str, str]]:
     detail = f"supervised fraction {fraction:.2f} of {int(attention.sum())} tokens in {size} rows"
     rows = [("masks", FAIL if problems else PASS, "; ".join(problems) or f"{detail}; visual + prompt = -100, EOS kept")]
     if run.collator.truncated_answers:
-        rows.append(("truncation", WARN, f"{run.collator.truncated_answers} of {size} answers cut by "
-                                          f"max_length={run.data_args.max_length}"))
+        rows.append(
+            (
+                "truncation",
+                WARN,
+                f"{run.collator.truncated_answers} of {size} answers cut by max_length={run.data_args.max_length}",
+            )
+        )
     return rows
 
 
@@ -135,8 +152,13 @@ def run_preflight(recipe, overrides=None) -> list[tuple[str, str, str]]:
         run = prepare_run(recipe, preflight_overrides(recipe, overrides))
     except Exception as error:  # noqa: BLE001 - any build failure is the answer
         return [("build", FAIL, f"{type(error).__name__}: {error}")]
-    rows.append(("build", PASS, f"{type(run.model).__name__}, {len(run.train_dataset)} training rows, "
-                                f"scan backend {active_scan_backend()}"))
+    rows.append(
+        (
+            "build",
+            PASS,
+            f"{type(run.model).__name__}, {len(run.train_dataset)} training rows, scan backend {active_scan_backend()}",
+        )
+    )
     rows += check_masks(run)
     if any(r[1] == FAIL for r in rows):
         return rows
@@ -155,17 +177,28 @@ def run_preflight(recipe, overrides=None) -> list[tuple[str, str, str]]:
         if not math.isfinite(loss):
             rows.append(("one step", FAIL, f"loss {loss}: NaN/Inf at the first step"))
         elif loss < run.training_args.min_first_step_loss:
-            rows.append(("one step", FAIL, f"first-step loss {loss:.4f} < {run.training_args.min_first_step_loss}: "
-                                           "masks probably leak (a fresh bridge starts around 3-8)"))
+            rows.append(
+                (
+                    "one step",
+                    FAIL,
+                    f"first-step loss {loss:.4f} < {run.training_args.min_first_step_loss}: "
+                    "masks probably leak (a fresh bridge starts around 3-8)",
+                )
+            )
         else:
             rows.append(("one step", PASS, f"loss {loss:.3f} in {time.time() - start:.1f} s"))
         trips = trainer.guard_trips
         stopped = trainer.state.global_step < 1
-        rows.append(("guards", FAIL if stopped and trips else WARN if trips else PASS,
-                     " | ".join(trips) or "frozen weights unchanged, trainable weights moved, no NaN"))
+        rows.append(
+            (
+                "guards",
+                FAIL if stopped and trips else WARN if trips else PASS,
+                " | ".join(trips) or "frozen weights unchanged, trainable weights moved, no NaN",
+            )
+        )
     cuda = None
     if torch.cuda.is_available():
-        cuda = f"CUDA max allocated {_gb(torch.cuda.max_memory_allocated())} of {_gb(torch.cuda.get_device_properties(0).total_memory)}"
+        cuda = f"CUDA max allocated {_gb(torch.cuda.max_memory_allocated())} of {_gb(torch.cuda.get_device_properties(0).total_memory)}"  # noqa: E501
     rows.append(("memory", INFO, f"peak RSS {_gb(peak_rss_bytes())}" + (f", {cuda}" if cuda else "")))
     return rows
 

@@ -25,14 +25,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="folder with the saved model and processor")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)")
-    parser.add_argument("--llm_8bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
-                             "8-bit-trained checkpoint in full precision (a note is printed)")
-    parser.add_argument("--llm_4bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision")
-    parser.add_argument("--max_image_pixels", type=int, default=None,
-                        help="refuse larger images on every input (default: PIL.Image.MAX_IMAGE_PIXELS, ~89 MP)")
+    parser.add_argument(
+        "--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)"
+    )
+    parser.add_argument(
+        "--llm_8bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
+        "8-bit-trained checkpoint in full precision (a note is printed)",
+    )
+    parser.add_argument(
+        "--llm_4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision",
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=None,
+        help="refuse larger images on every input (default: PIL.Image.MAX_IMAGE_PIXELS, ~89 MP)",
+    )
     parser.add_argument("--max_file_size", default="200mb", help="largest upload gradio accepts (e.g. 200mb)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -62,8 +76,10 @@ def _checked_pil(image, max_image_pixels: int | None):
 
     limit = Image.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     if limit and image.width * image.height > limit:
-        raise ImageLoadError(f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the "
-                             f"limit of {limit} (--max_image_pixels)")
+        raise ImageLoadError(
+            f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the "
+            f"limit of {limit} (--max_image_pixels)"
+        )
     return [image.convert("RGB")]
 
 
@@ -81,8 +97,18 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
 
     lock = threading.Lock()  # one generation at a time: the model is shared
 
-    def generate(image, file, prompt, max_new_tokens, repetition_penalty, no_repeat_ngram_size, num_beams,
-                 do_sample, temperature, top_p):
+    def generate(
+        image,
+        file,
+        prompt,
+        max_new_tokens,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        num_beams,
+        do_sample,
+        temperature,
+        top_p,
+    ):
         import gradio as gr
 
         source = file or image
@@ -96,10 +122,14 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
         if not file and image is None:
             raise gr.Error("Upload a CT image (PNG/JPG) or a DICOM / NIfTI file first.")
         kwargs = build_generate_kwargs(
-            max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
-            temperature=float(temperature) if do_sample else None, top_p=float(top_p) if do_sample else None,
-            num_beams=int(num_beams), repetition_penalty=float(repetition_penalty),
-            no_repeat_ngram_size=int(no_repeat_ngram_size) or None)
+            max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample),
+            temperature=float(temperature) if do_sample else None,
+            top_p=float(top_p) if do_sample else None,
+            num_beams=int(num_beams),
+            repetition_penalty=float(repetition_penalty),
+            no_repeat_ngram_size=int(no_repeat_ngram_size) or None,
+        )
         prompt = (prompt or "").strip() or None
         with lock:
             if int(num_beams) > 1:  # transformers cannot stream beam search
@@ -110,7 +140,9 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
 
             def work():
                 try:
-                    result["report"] = generate_batch(model, processor, [images], [prompt], streamer=streamer, **kwargs)[0]
+                    result["report"] = generate_batch(
+                        model, processor, [images], [prompt], streamer=streamer, **kwargs
+                    )[0]
                 except Exception as exc:  # surfaced below, after the streamer is released
                     result["error"] = exc
                     streamer.end()
@@ -146,16 +178,28 @@ def build_app(checkpoint: str, **load_kwargs):
         print(f"hf-vlm serve: note: {note}", file=sys.stderr)
     generate = make_generate_fn(model, processor, max_image_pixels)
     with gr.Blocks(title="hf_vlm report demo", analytics_enabled=False) as app:
-        gr.Markdown(f"## CT report generation\nCheckpoint `{os.path.basename(os.path.normpath(checkpoint))}` · "
-                    f"{settings['max_visual_tokens']} visual tokens · LLM {_precision(settings)} "
-                    "· research use only, not a medical device.")
+        gr.Markdown(
+            f"## CT report generation\nCheckpoint `{os.path.basename(os.path.normpath(checkpoint))}` · "
+            f"{settings['max_visual_tokens']} visual tokens · LLM {_precision(settings)} "
+            "· research use only, not a medical device."
+        )
         with gr.Row():
             with gr.Column():
                 # a path, not a decoded image: checked by the same loader and pixel limit as the file widget
-                image = gr.Image(type="filepath", label="CT slice (PNG / JPG)", sources=["upload", "clipboard"],
-                                 image_mode=None, height=320, elem_id="image")
-                file = gr.File(label="…or a DICOM / NIfTI file (takes precedence)", file_types=DICOM_TYPES,
-                               type="filepath", elem_id="file")
+                image = gr.Image(
+                    type="filepath",
+                    label="CT slice (PNG / JPG)",
+                    sources=["upload", "clipboard"],
+                    image_mode=None,
+                    height=320,
+                    elem_id="image",
+                )
+                file = gr.File(
+                    label="…or a DICOM / NIfTI file (takes precedence)",
+                    file_types=DICOM_TYPES,
+                    type="filepath",
+                    elem_id="file",
+                )
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", value=processor.default_prompt, lines=2, elem_id="prompt")
                 with gr.Accordion("Generation settings", open=True):
@@ -168,8 +212,23 @@ def build_app(checkpoint: str, **load_kwargs):
                     top_p = gr.Slider(0.1, 1.0, value=1.0, step=0.05, label="top_p (sampling)")
                 button = gr.Button("Generate report", variant="primary", elem_id="generate")
                 report = gr.Textbox(label="Report", lines=6, elem_id="report")
-        button.click(generate, inputs=[image, file, prompt, max_new_tokens, repetition_penalty, no_repeat, num_beams,
-                                       do_sample, temperature, top_p], outputs=report, api_name="generate")
+        button.click(
+            generate,
+            inputs=[
+                image,
+                file,
+                prompt,
+                max_new_tokens,
+                repetition_penalty,
+                no_repeat,
+                num_beams,
+                do_sample,
+                temperature,
+                top_p,
+            ],
+            outputs=report,
+            api_name="generate",
+        )
     return app
 
 
@@ -182,9 +241,15 @@ def run(args) -> int:
     from ..inference import SettingsMismatchError
 
     try:
-        app = build_app(args.checkpoint, max_visual_tokens=args.max_visual_tokens, llm_8bit=args.llm_8bit,
-                        llm_4bit=args.llm_4bit, device=args.device, dtype=args.dtype,
-                        max_image_pixels=args.max_image_pixels)
+        app = build_app(
+            args.checkpoint,
+            max_visual_tokens=args.max_visual_tokens,
+            llm_8bit=args.llm_8bit,
+            llm_4bit=args.llm_4bit,
+            device=args.device,
+            dtype=args.dtype,
+            max_image_pixels=args.max_image_pixels,
+        )
     except (SettingsMismatchError, OSError, ValueError) as exc:
         print(f"hf-vlm serve: error: {exc}", file=sys.stderr)
         return 2

@@ -30,9 +30,12 @@ class CleaningReport:
     seconds: float = 0.0
 
     def table(self) -> str:
-        lines = [f"Caption cleaning: {self.input_path} (encoding: {self.encoding}, {self.seconds:.1f} s)",
-                 f"  {'rows in':<28}{self.rows_in:>9}", f"  {'kept':<28}{self.kept:>9}",
-                 f"  {'rejected':<28}{self.rejected:>9}"]
+        lines = [
+            f"Caption cleaning: {self.input_path} (encoding: {self.encoding}, {self.seconds:.1f} s)",
+            f"  {'rows in':<28}{self.rows_in:>9}",
+            f"  {'kept':<28}{self.kept:>9}",
+            f"  {'rejected':<28}{self.rejected:>9}",
+        ]
         lines += [f"    {r:<26}{n:>9}" for r, n in self.reasons.items() if n]
         if any(self.fixes.values()):
             lines.append("  repaired in kept rows")
@@ -59,8 +62,10 @@ def scan_csv(path: Path, encoding: str, errors: str, sep: str) -> tuple[list[str
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line: pandas skips it too
             if len(row) > len(header):
-                raise ValueError(f"{path}: row_id {records} (line {reader.line_num}) has {len(row)} fields but the "
-                                 f"header has {len(header)}: {sep.join(row)[:60]!r}. Quote captions containing {sep!r}.")
+                raise ValueError(
+                    f"{path}: row_id {records} (line {reader.line_num}) has {len(row)} fields but the "
+                    f"header has {len(header)}: {sep.join(row)[:60]!r}. Quote captions containing {sep!r}."
+                )
             records += 1
     return header, records
 
@@ -85,13 +90,26 @@ def load_table(path: Path, cfg, cache_dir: str):
         seen[name] = seen.get(name, 0) + 1
     features = datasets.Features({n: datasets.Value("string") for n in names})
     try:
-        ds = datasets.load_dataset("csv", data_files=str(path), split="train", cache_dir=cache_dir, sep=sep,
-                                   encoding=encoding, encoding_errors=errors, column_names=names, header=0,
-                                   features=features, keep_default_na=False, na_filter=False)
+        ds = datasets.load_dataset(
+            "csv",
+            data_files=str(path),
+            split="train",
+            cache_dir=cache_dir,
+            sep=sep,
+            encoding=encoding,
+            encoding_errors=errors,
+            column_names=names,
+            header=0,
+            features=features,
+            keep_default_na=False,
+            na_filter=False,
+        )
     except Exception as e:  # datasets wraps the pandas ParserError; show the cause, not 40 frames
         cause = e.__cause__ or e
-        raise ValueError(f"{path}: cannot parse as CSV ({type(cause).__name__}: {cause}). A caption with "
-                         f"commas or line breaks must be quoted.") from e
+        raise ValueError(
+            f"{path}: cannot parse as CSV ({type(cause).__name__}: {cause}). A caption with "
+            f"commas or line breaks must be quoted."
+        ) from e
     if len(ds) != records:
         raise RuntimeError(f"{path}: pandas read {len(ds)} rows but the file has {records} records")
     return ds, encoding + (" (undecodable bytes replaced)" if errors == "replace" else "")

@@ -6,8 +6,8 @@ Every input row ends up exactly once in ``<stem>_clean.csv`` or ``<stem>_rejects
 Steps: (1) load all columns as strings (CSV encoding detected: utf-8 / utf-8-sig / gbk /
 gb18030 / utf-16; Excel via pandas); (2) one batched ``map`` of the per-row ``clean_row``
 (``num_proc`` workers; top-level functions, so it works under Windows *spawn*) normalises text
-and image paths and writes the first failing per-row check into ``reason``; (3) de-duplication and normal-report balancing
-need the whole table, so they run afterwards on plain columns in ``row_id`` order
+and image paths and writes the first failing per-row check into ``reason``; (3) de-duplication and normal-report
+balancing need the whole table, so they run afterwards on plain columns in ``row_id`` order
 (deterministic whatever ``num_proc``); (4) two ``filter`` calls split kept and rejected rows
 (with ``num_proc`` from ``PARALLEL_FILTER_MIN_ROWS`` rows on).
 """
@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
-from typing import Optional
 
+from ..tokenization import IMAGE_TOKEN
 from . import text_cleaning as tc
 from .caption_io import CleaningReport, load_table, write_csv
-from ..tokenization import IMAGE_TOKEN
 from .images import ImageLoadError, load_volume_slices, resolve_image_path, split_image_paths
 
 # reason -> meaning, in the order the checks run (one reason per row: the first that fails).
@@ -44,18 +43,31 @@ REASONS = {
     "image_missing": "an image file does not exist (drop_missing_paths / check_images)",
     "image_unreadable": "an image cannot be decoded (check_images)",
     "duplicate_exact": "same image(s), prompt and caption as an earlier row",
-    "duplicate_near": "same image(s) and prompt, caption equal up to punctuation or >= near_duplicate_threshold similar",
+    "duplicate_near": "same image(s) and prompt, caption equal up to punctuation or >= near_duplicate_threshold similar",  # noqa: E501
     "normal_report_over_cap": "short normal report beyond max_normal_fraction of the kept rows",
 }
-_ALIASES = {"image": ("image_path", "image", "images", "image_paths", "path", "filename", "影像路径", "图像路径", "图片路径"),
-            "text": ("caption", "report", "text", "answer", "findings", "报告", "影像所见", "描述"),
-            "prompt": ("prompt", "question", "instruction", "问题")}
+_ALIASES = {
+    "image": ("image_path", "image", "images", "image_paths", "path", "filename", "影像路径", "图像路径", "图片路径"),
+    "text": ("caption", "report", "text", "answer", "findings", "报告", "影像所见", "描述"),
+    "prompt": ("prompt", "question", "instruction", "问题"),
+}
 # The split is a string comparison per row (~0.3 s per 100k rows); below this size a worker
 # pool costs more than it saves (measured with fork; under Windows spawn each worker also
 # re-imports hf_vlm), so the filters run in-process.
 PARALLEL_FILTER_MIN_ROWS = 1_000_000
-_OUTPUT = ("row_id", "image_path", "prompt", "caption", "caption_raw", "reason", "detail", "fixes",
-           "_image_key", "_text_key", "_is_normal")
+_OUTPUT = (
+    "row_id",
+    "image_path",
+    "prompt",
+    "caption",
+    "caption_raw",
+    "reason",
+    "detail",
+    "fixes",
+    "_image_key",
+    "_text_key",
+    "_is_normal",
+)
 
 
 @dataclass
@@ -64,25 +76,67 @@ class CleaningConfig:
     flood of "未见异常" reports is what teaches a model to answer every image with it; pass
     ``max_normal_fraction=1`` for validation/test sets, whose distribution must stay real."""
 
-    image_column: str = field(default="image_path", metadata={"help": "Column with the image path(s); several paths separated by ';'."})
+    image_column: str = field(
+        default="image_path", metadata={"help": "Column with the image path(s); several paths separated by ';'."}
+    )
     text_column: str = field(default="caption", metadata={"help": "Column with the report text."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Optional column with the prompt/question (empty if absent)."})
-    sheet: Optional[str] = field(default=None, metadata={"help": "Excel sheet name or 0-based index (default: first sheet)."})
-    encoding: Optional[str] = field(default=None, metadata={"help": "CSV encoding; default: detect utf-8/utf-8-sig/gbk/gb18030/utf-16."})
-    drop_missing_paths: bool = field(default=False, metadata={"help": "Reject rows whose image file does not exist (reason image_missing)."})
-    image_root: Optional[str] = field(default=None, metadata={"help": "Folder that relative image paths are relative to (default: the CSV's folder)."})
-    path_map: Optional[str] = field(default=None, metadata={"help": "Prefix rewrites SRC=DST[,SRC=DST], e.g. 'D:/=/mnt/d/' to read Windows paths on Linux/WSL."})
-    min_answer_chars: int = field(default=5, metadata={"help": "Reject captions shorter than this after cleaning (too_short)."})
-    max_answer_chars: int = field(default=1000, metadata={"help": "Reject captions longer than this after cleaning (too_long); 0 = no limit."})
-    require_keywords: Optional[str] = field(default=None, metadata={"help": "Regex a caption must match, e.g. '结节|mm|肺叶|段|病灶' (missing_keywords)."})
-    min_cjk_fraction: float = field(default=0.3, metadata={"help": "Minimum hanzi/(hanzi+latin letters) of a caption (not_a_report); 0 disables."})
-    max_repeat_fraction: float = field(default=0.5, metadata={"help": "Reject when collapsed phrase loops were at least this share of the text (repeated_phrases)."})
-    dedup: bool = field(default=True, metadata={"help": "Reject exact and near duplicate reports of the same image(s)."})
-    near_duplicate_threshold: float = field(default=0.95, metadata={"help": "Character-level similarity (difflib ratio, punctuation removed) at which a report is a near duplicate."})
-    max_normal_fraction: float = field(default=0.25, metadata={"help": "Cap on the share of short normal ('未见异常') reports among kept rows; 1 disables."})
-    normal_max_chars: int = field(default=40, metadata={"help": "Only reports up to this length count as short normal reports."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Optional column with the prompt/question (empty if absent)."}
+    )
+    sheet: str | None = field(
+        default=None, metadata={"help": "Excel sheet name or 0-based index (default: first sheet)."}
+    )
+    encoding: str | None = field(
+        default=None, metadata={"help": "CSV encoding; default: detect utf-8/utf-8-sig/gbk/gb18030/utf-16."}
+    )
+    drop_missing_paths: bool = field(
+        default=False, metadata={"help": "Reject rows whose image file does not exist (reason image_missing)."}
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder that relative image paths are relative to (default: the CSV's folder)."}
+    )
+    path_map: str | None = field(
+        default=None,
+        metadata={"help": "Prefix rewrites SRC=DST[,SRC=DST], e.g. 'D:/=/mnt/d/' to read Windows paths on Linux/WSL."},
+    )
+    min_answer_chars: int = field(
+        default=5, metadata={"help": "Reject captions shorter than this after cleaning (too_short)."}
+    )
+    max_answer_chars: int = field(
+        default=1000, metadata={"help": "Reject captions longer than this after cleaning (too_long); 0 = no limit."}
+    )
+    require_keywords: str | None = field(
+        default=None, metadata={"help": "Regex a caption must match, e.g. '结节|mm|肺叶|段|病灶' (missing_keywords)."}
+    )
+    min_cjk_fraction: float = field(
+        default=0.3, metadata={"help": "Minimum hanzi/(hanzi+latin letters) of a caption (not_a_report); 0 disables."}
+    )
+    max_repeat_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Reject when collapsed phrase loops were at least this share of the text (repeated_phrases)."
+        },
+    )
+    dedup: bool = field(
+        default=True, metadata={"help": "Reject exact and near duplicate reports of the same image(s)."}
+    )
+    near_duplicate_threshold: float = field(
+        default=0.95,
+        metadata={
+            "help": "Character-level similarity (difflib ratio, punctuation removed) at which a report is a near duplicate."  # noqa: E501
+        },
+    )
+    max_normal_fraction: float = field(
+        default=0.25,
+        metadata={"help": "Cap on the share of short normal ('未见异常') reports among kept rows; 1 disables."},
+    )
+    normal_max_chars: int = field(
+        default=40, metadata={"help": "Only reports up to this length count as short normal reports."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for choosing which normal reports stay under the cap."})
-    check_images: bool = field(default=False, metadata={"help": "Open every image and reject unreadable ones (image_unreadable); slower."})
+    check_images: bool = field(
+        default=False, metadata={"help": "Open every image and reject unreadable ones (image_unreadable); slower."}
+    )
     num_proc: int = field(default=1, metadata={"help": "Worker processes for datasets map/filter."})
 
     def __post_init__(self):
@@ -97,16 +151,17 @@ class CleaningConfig:
             raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
 
 
-def _find_column(columns: list[str], wanted: str, kind: str, required: bool) -> Optional[str]:
+def _find_column(columns: list[str], wanted: str, kind: str, required: bool) -> str | None:
     if wanted in columns:
         return wanted
     relaxed = {c.strip().lower(): c for c in columns}
-    for name in ((wanted,) + (_ALIASES[kind] if wanted == _ALIASES[kind][0] else ())):
+    for name in (wanted,) + (_ALIASES[kind] if wanted == _ALIASES[kind][0] else ()):
         if name.strip().lower() in relaxed:
             return relaxed[name.strip().lower()]
     if required:
-        raise ValueError(f"{kind} column {wanted!r} not found; columns are {columns}. "
-                         f"Pass --{kind}_column with one of them.")
+        raise ValueError(
+            f"{kind} column {wanted!r} not found; columns are {columns}. Pass --{kind}_column with one of them."
+        )
     return None
 
 
@@ -156,13 +211,32 @@ def _check_images(paths: list[Path], raws: list[str], cfg: CleaningConfig) -> tu
     return "", ""
 
 
-def clean_row(example: dict, idx: int, *, cfg: CleaningConfig, image_col: str, text_col: str,
-              prompt_col: Optional[str], base_dir: str) -> dict:
+def clean_row(
+    example: dict,
+    idx: int,
+    *,
+    cfg: CleaningConfig,
+    image_col: str,
+    text_col: str,
+    prompt_col: str | None,
+    base_dir: str,
+) -> dict:
     """The ``datasets.map`` function: canonical columns + ``reason`` (empty when kept)."""
     raws = [] if tc.is_placeholder(example[image_col]) else split_image_paths(example[image_col])
     raw_caption = example[text_col] or ""
-    out = {"row_id": idx, "image_path": ";".join(raws), "prompt": "", "caption": "", "caption_raw": raw_caption,
-           "reason": "", "detail": "", "fixes": "", "_image_key": "", "_text_key": "", "_is_normal": False}
+    out = {
+        "row_id": idx,
+        "image_path": ";".join(raws),
+        "prompt": "",
+        "caption": "",
+        "caption_raw": raw_caption,
+        "reason": "",
+        "detail": "",
+        "fixes": "",
+        "_image_key": "",
+        "_text_key": "",
+        "_is_normal": False,
+    }
     prompt, p_status = tc.repair_mojibake((example[prompt_col] or "") if prompt_col else "")
     out["prompt"] = tc.normalize_text(prompt)
     if not raws:
@@ -175,9 +249,15 @@ def clean_row(example: dict, idx: int, *, cfg: CleaningConfig, image_col: str, t
     if not reason:
         reason, detail = _check_images(paths, raws, cfg)
     fixes += ["mojibake_repaired"] if p_status == "repaired" and "mojibake_repaired" not in fixes else []
-    out.update(reason=reason, detail=detail, caption=caption, fixes="|".join(fixes),
-               _image_key=";".join(sorted(os.path.normcase(str(p)) for p in paths)),
-               _text_key=tc.dedup_key(caption), _is_normal=tc.is_normal_report(caption, cfg.normal_max_chars))
+    out.update(
+        reason=reason,
+        detail=detail,
+        caption=caption,
+        fixes="|".join(fixes),
+        _image_key=";".join(sorted(os.path.normcase(str(p)) for p in paths)),
+        _text_key=tc.dedup_key(caption),
+        _is_normal=tc.is_normal_report(caption, cfg.normal_max_chars),
+    )
     return out
 
 
@@ -220,8 +300,10 @@ def apply_global_checks(cols: dict, cfg: CleaningConfig) -> tuple[list[str], lis
             for i in normal:
                 if i not in keep:
                     reasons[i] = "normal_report_over_cap"
-                    details[i] = (f"kept {allowed} of {len(normal)} short normal reports "
-                                  f"(max_normal_fraction={cfg.max_normal_fraction}, seed={cfg.seed})")
+                    details[i] = (
+                        f"kept {allowed} of {len(normal)} short normal reports "
+                        f"(max_normal_fraction={cfg.max_normal_fraction}, seed={cfg.seed})"
+                    )
     return reasons, details
 
 
@@ -233,8 +315,13 @@ def _rejected(reasons: list[str]) -> list[bool]:
     return [bool(r) for r in reasons]
 
 
-def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike | None = None,
-                   config: CleaningConfig | None = None, *, verbose: bool = True) -> CleaningReport:
+def clean_captions(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    config: CleaningConfig | None = None,
+    *,
+    verbose: bool = True,
+) -> CleaningReport:
     """Clean one caption CSV/Excel into ``<stem>_clean.csv`` + ``<stem>_rejects.csv``."""
     cfg, start, path = config or CleaningConfig(), time.perf_counter(), Path(input_path)
     out_dir = Path(output_dir) if output_dir else path.parent
@@ -251,11 +338,24 @@ def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike 
             if c in _OUTPUT:  # an extra input column named like an output column keeps its data
                 ds = ds.rename_column(c, c + "_input")
         extras = [c + "_input" if c in _OUTPUT else c for c in extras]
-        ds = ds.map(clean_batch, with_indices=True, batched=True, batch_size=1000, num_proc=cfg.num_proc,
-                    remove_columns=sources,
-                    load_from_cache_file=False, cache_file_name=os.path.join(tmp, "map.arrow"),
-                    fn_kwargs={"cfg": cfg, "image_col": image_col, "text_col": text_col,
-                               "prompt_col": prompt_col, "base_dir": str(path.parent)}, desc="cleaning captions")
+        ds = ds.map(
+            clean_batch,
+            with_indices=True,
+            batched=True,
+            batch_size=1000,
+            num_proc=cfg.num_proc,
+            remove_columns=sources,
+            load_from_cache_file=False,
+            cache_file_name=os.path.join(tmp, "map.arrow"),
+            fn_kwargs={
+                "cfg": cfg,
+                "image_col": image_col,
+                "text_col": text_col,
+                "prompt_col": prompt_col,
+                "base_dir": str(path.parent),
+            },
+            desc="cleaning captions",
+        )
         needed = ["row_id", "prompt", "caption", "reason", "detail", "_image_key", "_text_key", "_is_normal"]
         reasons, details = apply_global_checks(ds.select_columns(needed).to_dict(), cfg)
         ds = ds.remove_columns(["reason", "detail"]).add_column("reason", reasons).add_column("detail", details)
@@ -268,8 +368,11 @@ def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike 
         clean_path, rejects_path = out_dir / f"{path.stem}_clean.csv", out_dir / f"{path.stem}_rejects.csv"
         write_csv(kept, clean_path, ["row_id", "image_path", "prompt", "caption", *extras, "fixes"])
         rejected = rejected.rename_columns({"caption": "caption_cleaned", "caption_raw": "caption"})
-        write_csv(rejected, rejects_path, ["row_id", "reason", "detail", "image_path", "prompt", "caption",
-                                            "caption_cleaned", *extras])
+        write_csv(
+            rejected,
+            rejects_path,
+            ["row_id", "reason", "detail", "image_path", "prompt", "caption", "caption_cleaned", *extras],
+        )
         counts = {r: 0 for r in REASONS}
         for r in reasons:
             counts[r] = counts.get(r, 0) + bool(r)
@@ -277,8 +380,18 @@ def clean_captions(input_path: str | os.PathLike, output_dir: str | os.PathLike 
         for f in kept["fixes"]:
             for tag in filter(None, f.split("|")):
                 fixes[tag] += 1
-        report = CleaningReport(str(path), encoding, len(ds), len(kept), len(rejected), counts, fixes,
-                                str(clean_path), str(rejects_path), time.perf_counter() - start)
+        report = CleaningReport(
+            str(path),
+            encoding,
+            len(ds),
+            len(kept),
+            len(rejected),
+            counts,
+            fixes,
+            str(clean_path),
+            str(rejects_path),
+            time.perf_counter() - start,
+        )
         del ds, kept, rejected  # release memory-mapped files before the temp dir goes (Windows)
     if verbose:
         print(report.table())

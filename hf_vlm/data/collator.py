@@ -26,7 +26,7 @@ class PromptTooLongError(ValueError):
 
 
 def describe_row(feature: dict, position: int) -> str:
-    """"<file> row_id <id>" for error messages: the CSV row, not the position in the batch."""
+    """ "<file> row_id <id>" for error messages: the CSV row, not the position in the batch."""
     row_id = feature.get("row_id")
     where = f"row_id {row_id}" if row_id is not None else f"batch position {position} (no row_id)"
     source = feature.get("source_file")
@@ -84,8 +84,10 @@ class DataCollatorForMambaVLM:
                     f"{len(ids)} in total); empty reports cannot be trained on"
                 )
             if self.image_token_id is not None and self.image_token_id in ids[prompt_length:]:
-                raise ValueError(f"{row}: an <image> placeholder lies in the answer part (the caption contains "
-                                 "'<image>'); it must be in the prompt only. `hf-vlm clean` rejects such captions")
+                raise ValueError(
+                    f"{row}: an <image> placeholder lies in the answer part (the caption contains "
+                    "'<image>'); it must be in the prompt only. `hf-vlm clean` rejects such captions"
+                )
             rows.append(self._truncate(ids, prompt_length, row))
             prompt_lengths.append(prompt_length)
         self.rows_seen += len(rows)
@@ -116,7 +118,9 @@ class DataCollatorForMambaVLM:
     def _log_example(self, ids: list[int], prompt_length: int) -> None:
         self._logged = True
         answer_ids = ids[prompt_length:]
-        message = f"First training example: prompt tokens {prompt_length} (incl. visual), answer tokens {len(answer_ids)}"
+        message = (
+            f"First training example: prompt tokens {prompt_length} (incl. visual), answer tokens {len(answer_ids)}"
+        )
         if self.tokenizer is not None:
             message += f"; supervised text: {self.tokenizer.decode(answer_ids)!r}"
         logger.info(message)

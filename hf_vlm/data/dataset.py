@@ -15,7 +15,6 @@ import functools
 import os
 from pathlib import Path
 
-from .text_cleaning import detect_encoding
 from .images import (
     DEFAULT_MAX_SLICES,
     DEFAULT_WINDOW,
@@ -25,6 +24,7 @@ from .images import (
     resolve_image_path,
     split_image_paths,
 )
+from .text_cleaning import detect_encoding
 
 REQUIRED_COLUMNS = ("image_path", "caption")
 
@@ -41,8 +41,9 @@ def _has_data_row(path: Path, encoding: str, errors: str) -> bool:
         return any(any(cell.strip() for cell in row) for row in reader)
 
 
-def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None = None, path_map: PathMap = None,
-                         split: str | None = None):
+def load_caption_dataset(
+    csv_path: str | os.PathLike, *, image_root: str | None = None, path_map: PathMap = None, split: str | None = None
+):
     """Load a cleaned caption CSV.
 
     ``split``: if the CSV has a ``split`` column and ``split`` is a plain name ("train", "val"),
@@ -64,9 +65,15 @@ def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None 
         raise ValueError(f"{path}: the CSV has a header but no data rows; nothing to train or evaluate on")
     try:
         ds = datasets.load_dataset(
-            "csv", data_files=str(path), split="train" if by_column or split is None else split,
-            encoding=encoding, encoding_errors=errors, keep_default_na=False, na_filter=False,
-            features=datasets.Features({c: datasets.Value("string") for c in header}))
+            "csv",
+            data_files=str(path),
+            split="train" if by_column or split is None else split,
+            encoding=encoding,
+            encoding_errors=errors,
+            keep_default_na=False,
+            na_filter=False,
+            features=datasets.Features({c: datasets.Value("string") for c in header}),
+        )
     except ValueError as error:  # datasets' messages ("Instruction ... corresponds to no data!") name no file
         raise ValueError(f"{path}: cannot load split={split!r}: {error}") from error
     if by_column:
@@ -82,14 +89,26 @@ def load_caption_dataset(csv_path: str | os.PathLike, *, image_root: str | None 
         if not paths or not caption.strip():
             raise _bad_row(rid, caption, "empty image_path or caption; run `hf-vlm clean` on this CSV", path)
         row_ids.append(int(rid))
-        files.append(";".join(str(resolve_image_path(p, image_root=image_root, path_map=path_map,
-                                                     base_dir=str(path.parent))) for p in paths))
+        files.append(
+            ";".join(
+                str(resolve_image_path(p, image_root=image_root, path_map=path_map, base_dir=str(path.parent)))
+                for p in paths
+            )
+        )
     ds = ds.remove_columns([c for c in ("row_id", "image_files") if c in ds.column_names])
     return ds.add_column("row_id", row_ids).add_column("image_files", files)
 
 
-def decode_batch(batch: dict, *, max_slices: int, image_root: str | None, path_map: PathMap,
-                 window_center: float | None, window_width: float | None, study_settings=None) -> dict:
+def decode_batch(
+    batch: dict,
+    *,
+    max_slices: int,
+    image_root: str | None,
+    path_map: PathMap,
+    window_center: float | None,
+    window_width: float | None,
+    study_settings=None,
+) -> dict:
     """``with_transform`` function: a batch of rows -> images + text, errors naming the row.
 
     With ``study_settings`` (a `StudyPreprocessing`) each row's images are ``[Study]``: the whole
@@ -104,8 +123,14 @@ def decode_batch(batch: dict, *, max_slices: int, image_root: str | None, path_m
 
                 images = [load_study(source, study_settings, image_root=image_root, path_map=path_map)]
             else:
-                images = load_images(source, image_root=image_root, path_map=path_map, max_slices=max_slices,
-                                     window_center=window_center, window_width=window_width)
+                images = load_images(
+                    source,
+                    image_root=image_root,
+                    path_map=path_map,
+                    max_slices=max_slices,
+                    window_center=window_center,
+                    window_width=window_width,
+                )
         except ImageLoadError as e:
             raise ImageLoadError(f"row_id {row_id} (caption {caption[:30]!r}): {e}") from e
         out["images"].append(images)
@@ -116,11 +141,26 @@ def decode_batch(batch: dict, *, max_slices: int, image_root: str | None, path_m
     return out
 
 
-def with_image_transform(ds, max_slices: int = DEFAULT_MAX_SLICES, *, image_root: str | None = None,
-                         path_map: PathMap = None, window_center: float | None = DEFAULT_WINDOW[0],
-                         window_width: float | None = DEFAULT_WINDOW[1], study_settings=None):
+def with_image_transform(
+    ds,
+    max_slices: int = DEFAULT_MAX_SLICES,
+    *,
+    image_root: str | None = None,
+    path_map: PathMap = None,
+    window_center: float | None = DEFAULT_WINDOW[0],
+    window_width: float | None = DEFAULT_WINDOW[1],
+    study_settings=None,
+):
     """Return ``ds`` whose rows are ``{"images": list[PIL.Image] (or [Study]), "prompt", "caption",
     "image_path", "row_id"}``; ``image_root``/``path_map`` only matter without ``image_files``."""
-    return ds.with_transform(functools.partial(
-        decode_batch, max_slices=max_slices, image_root=image_root, path_map=path_map,
-        window_center=window_center, window_width=window_width, study_settings=study_settings))
+    return ds.with_transform(
+        functools.partial(
+            decode_batch,
+            max_slices=max_slices,
+            image_root=image_root,
+            path_map=path_map,
+            window_center=window_center,
+            window_width=window_width,
+            study_settings=study_settings,
+        )
+    )

@@ -57,7 +57,13 @@ class EncodeCaptionRows:
 
 
 def load_training_dataset(
-    csv_path: str, processor, *, image_root: str | None = None, path_map=None, split: str | None = None, **transform_kwargs
+    csv_path: str,
+    processor,
+    *,
+    image_root: str | None = None,
+    path_map=None,
+    split: str | None = None,
+    **transform_kwargs,
 ):
     """Cleaned caption CSV -> lazily encoded `datasets.Dataset` ready for the Trainer."""
     dataset = load_caption_dataset(csv_path, image_root=image_root, path_map=path_map, split=split)

@@ -168,9 +168,18 @@ class VisionFeatureCache:
         shard_rows: rows per safetensors shard.
     """
 
-    def __init__(self, cache_dir, model, processor, *, max_slices: int = DEFAULT_MAX_SLICES,
-                 window_center: float | None = DEFAULT_WINDOW[0], window_width: float | None = DEFAULT_WINDOW[1],
-                 image_augmentation: bool = False, shard_rows: int = 256):
+    def __init__(
+        self,
+        cache_dir,
+        model,
+        processor,
+        *,
+        max_slices: int = DEFAULT_MAX_SLICES,
+        window_center: float | None = DEFAULT_WINDOW[0],
+        window_width: float | None = DEFAULT_WINDOW[1],
+        image_augmentation: bool = False,
+        shard_rows: int = 256,
+    ):
         self.model, self.processor, self.shard_rows = model, processor, int(shard_rows)
         self.decode = dict(max_slices=max_slices, window_center=window_center, window_width=window_width)
         self.enabled = not image_augmentation
@@ -189,7 +198,8 @@ class VisionFeatureCache:
         for path, changed in self.stale:
             logger.warning(
                 "Stale vision feature cache %s (%s changed since it was written): not used; delete it to free disk",
-                path, ", ".join(changed) or "format",
+                path,
+                ", ".join(changed) or "format",
             )
 
     def _check_frozen(self) -> None:
@@ -262,18 +272,29 @@ class VisionFeatureCache:
                 if not todo:
                     continue
                 settings = self._study_settings()
-                decoded = decode_batch({c: [v[i] for i in todo] for c, v in batch.items()},
-                                       image_root=None, path_map=None, study_settings=settings, **self.decode)
+                decoded = decode_batch(
+                    {c: [v[i] for i in todo] for c, v in batch.items()},
+                    image_root=None,
+                    path_map=None,
+                    study_settings=settings,
+                    **self.decode,
+                )
                 if settings is not None:  # one study per row: every slice encoded on its own
                     studies = [self.processor.encode_study(ims) for ims in decoded["images"]]
                     pixels = [s["pixel_values"] for s in studies]
                     for i, s in zip(todo, studies):
                         pending[f"{keys[i]}:z"] = s["slice_z"].clone()
                 else:
-                    pixels = [self.processor.image_processor(images=ims, return_tensors="pt")["pixel_values"]
-                              for ims in decoded["images"]]
-                features = torch.cat([self.model.get_vision_features(chunk.to(device)).cpu()  # (N, P, Dv)
-                                      for chunk in torch.cat(pixels).split(batch_size * 4)])
+                    pixels = [
+                        self.processor.image_processor(images=ims, return_tensors="pt")["pixel_values"]
+                        for ims in decoded["images"]
+                    ]
+                features = torch.cat(
+                    [
+                        self.model.get_vision_features(chunk.to(device)).cpu()  # (N, P, Dv)
+                        for chunk in torch.cat(pixels).split(batch_size * 4)
+                    ]
+                )
                 for i, chunk in zip(todo, features.split([p.shape[0] for p in pixels])):
                     pending[keys[i]] = chunk.clone()
                 stats["encoded"] += len(todo)
@@ -284,8 +305,9 @@ class VisionFeatureCache:
                 self.store.write_shard(pending)
         finally:
             tower.train(was_training)
-        logger.info("Vision feature cache %s: %d rows encoded, %d already cached", self.path, stats["encoded"],
-                    stats["cached"])
+        logger.info(
+            "Vision feature cache %s: %d rows encoded, %d already cached", self.path, stats["encoded"], stats["cached"]
+        )
         return stats
 
 

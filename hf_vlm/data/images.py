@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path, PureWindowsPath
-from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -27,7 +27,7 @@ DEFAULT_MAX_SLICES = 1  # slices taken from a volume / series when the caller do
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 # every file suffix `load_images` reads (folder scans in `hf-vlm generate`, uploads in `hf-vlm serve`)
 IMAGE_SUFFIXES = (*sorted(_RASTER_SUFFIXES), ".dcm", ".dicom", ".nii", ".nii.gz")
-PathMap = Optional[Union[str, Sequence[Tuple[str, str]], Dict[str, str]]]
+PathMap = str | Sequence[tuple[str, str]] | dict[str, str] | None
 
 
 class ImageLoadError(ValueError):
@@ -43,8 +43,11 @@ def _require(module: str):
 
 def split_image_paths(field: str | None) -> list[str]:
     """Split a ``;``-separated path field, dropping blanks and surrounding quotes."""
-    return [p.strip().strip('"').strip("'").strip() for p in str(field or "").split(";")
-            if p.strip().strip('"').strip("'").strip()]
+    return [
+        p.strip().strip('"').strip("'").strip()
+        for p in str(field or "").split(";")
+        if p.strip().strip('"').strip("'").strip()
+    ]
 
 
 def parse_path_map(spec: PathMap) -> list[tuple[str, str]]:
@@ -72,8 +75,9 @@ def _is_windows_style(path: str) -> bool:
     return bool(re.match(r"^[A-Za-z]:", path)) or "\\" in path
 
 
-def resolve_image_path(path: str, *, image_root: str | None = None, path_map: PathMap = None,
-                       base_dir: str | None = None) -> Path:
+def resolve_image_path(
+    path: str, *, image_root: str | None = None, path_map: PathMap = None, base_dir: str | None = None
+) -> Path:
     """Turn one path as written in a CSV into a local ``Path`` (no file-system access).
 
     1. ``path_map`` prefixes are replaced (slashes unified; Windows prefixes compare
@@ -89,8 +93,8 @@ def resolve_image_path(path: str, *, image_root: str | None = None, path_map: Pa
     for src, dst in parse_path_map(path_map):
         src_u = src.replace("\\", "/")
         fold = _is_windows_style(src)
-        if (unified.lower().startswith(src_u.lower()) if fold else unified.startswith(src_u)):
-            rest = unified[len(src_u):]
+        if unified.lower().startswith(src_u.lower()) if fold else unified.startswith(src_u):
+            rest = unified[len(src_u) :]
             raw = dst.rstrip("/\\") + "/" + rest.lstrip("/") if rest else dst
             break
     if os.name == "nt":
@@ -154,7 +158,8 @@ def _load_pil(path: Path, max_image_pixels: int | None) -> Image.Image:
             if limit and im.width * im.height > limit:
                 raise ImageLoadError(
                     f"{path}: {im.width}x{im.height} = {im.width * im.height} pixels exceeds the "
-                    f"decompression-bomb limit of {limit} (max_image_pixels / PIL.Image.MAX_IMAGE_PIXELS)")
+                    f"decompression-bomb limit of {limit} (max_image_pixels / PIL.Image.MAX_IMAGE_PIXELS)"
+                )
             im.seek(0)  # first frame of multi-page TIFF/GIF
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit CT PNG/TIFF
@@ -172,8 +177,10 @@ def _window_frames(hu: np.ndarray, center: float | None, width: float | None, ds
     if center is None or width is None:  # fall back to the file's own window (first if several)
         tag_c, tag_w = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
         if tag_c is not None and tag_w is not None:
-            center, width = (float(v[0] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else v)
-                             for v in (tag_c, tag_w))
+            center, width = (
+                float(v[0] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else v)
+                for v in (tag_c, tag_w)
+            )
     frames = hu if hu.ndim == 3 else hu[None]
     if center is None or width is None:
         return [_minmax_uint8(f) for f in frames]
@@ -189,7 +196,10 @@ def _dicom_frames(path: Path, window_center, window_width, num_slices: int | Non
         raise ImageLoadError(f"{path}: cannot read DICOM pixel data ({type(e).__name__}: {e})") from e
     if int(getattr(ds, "SamplesPerPixel", 1)) == 3:  # colour DICOM: no HU, no window
         frames = arr if arr.ndim == 4 else arr[None]
-        return [Image.fromarray(frames[i].astype(np.uint8)).convert("RGB") for i in sample_indices(len(frames), num_slices or 1)]
+        return [
+            Image.fromarray(frames[i].astype(np.uint8)).convert("RGB")
+            for i in sample_indices(len(frames), num_slices or 1)
+        ]
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     hu = arr.astype(np.float64) * slope + intercept
@@ -216,8 +226,10 @@ def _dicom_series(folder: Path, num_slices: int, window_center, window_width) ->
     if not entries:
         raise ImageLoadError(f"{folder}: folder holds no DICOM files")
     entries.sort(key=lambda e: (e[0], e[1], e[2].name))
-    return [_dicom_frames(entries[i][2], window_center, window_width, 1)[0]
-            for i in sample_indices(len(entries), num_slices)]
+    return [
+        _dicom_frames(entries[i][2], window_center, window_width, 1)[0]
+        for i in sample_indices(len(entries), num_slices)
+    ]
 
 
 def _nifti_slices(path: Path, num_slices: int, window_center, window_width) -> list[Image.Image]:
@@ -227,16 +239,29 @@ def _nifti_slices(path: Path, num_slices: int, window_center, window_width) -> l
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
         shape = img.shape
-        index = (lambda k: (slice(None), slice(None), k)) if len(shape) == 3 else (lambda k: (slice(None), slice(None), k, 0))
-        picked = [np.asarray(img.dataobj[index(k)], dtype=np.float64) for k in
-                  sample_indices(shape[2], num_slices)] if len(shape) >= 3 else [np.asarray(img.dataobj, dtype=np.float64)]
+        index = (
+            (lambda k: (slice(None), slice(None), k))
+            if len(shape) == 3
+            else (lambda k: (slice(None), slice(None), k, 0))
+        )
+        picked = (
+            [np.asarray(img.dataobj[index(k)], dtype=np.float64) for k in sample_indices(shape[2], num_slices)]
+            if len(shape) >= 3
+            else [np.asarray(img.dataobj, dtype=np.float64)]
+        )
     except Exception as e:  # nibabel: ImageFileError, gzip/zlib errors, truncated data
         raise ImageLoadError(f"{path}: cannot read NIfTI volume ({type(e).__name__}: {e})") from e
     return [_gray_to_rgb(_window_frames(s[::-1, ::-1].T, window_center, window_width)[0]) for s in picked]
 
 
-def load_volume_slices(path: str | os.PathLike, num_slices: int, *, window_center: float | None = DEFAULT_WINDOW[0],
-                       window_width: float | None = DEFAULT_WINDOW[1], max_image_pixels: int | None = None) -> list[Image.Image]:
+def load_volume_slices(
+    path: str | os.PathLike,
+    num_slices: int,
+    *,
+    window_center: float | None = DEFAULT_WINDOW[0],
+    window_width: float | None = DEFAULT_WINDOW[1],
+    max_image_pixels: int | None = None,
+) -> list[Image.Image]:
     """Evenly spaced slices of a NIfTI volume, a DICOM series folder or a multi-frame DICOM (a 2D
     file gives one image). ``window_center/width=None`` uses the DICOM tags, else min-max."""
     path = Path(path)
@@ -251,8 +276,13 @@ def load_volume_slices(path: str | os.PathLike, num_slices: int, *, window_cente
     return [_load_pil(path, max_image_pixels)]
 
 
-def load_image(path: str | os.PathLike, *, window_center: float | None = DEFAULT_WINDOW[0], window_width: float | None = DEFAULT_WINDOW[1],
-               max_image_pixels: int | None = None) -> Image.Image:
+def load_image(
+    path: str | os.PathLike,
+    *,
+    window_center: float | None = DEFAULT_WINDOW[0],
+    window_width: float | None = DEFAULT_WINDOW[1],
+    max_image_pixels: int | None = None,
+) -> Image.Image:
     """One RGB image. PNG/JPG/BMP/TIFF via PIL (EXIF orientation applied, 16-bit scaled min-max,
     ``max_image_pixels`` guards against decompression bombs; default ``PIL.Image.MAX_IMAGE_PIXELS``);
     DICOM with CT windowing; a volume or multi-frame file gives its middle slice."""
@@ -264,16 +294,31 @@ def load_image(path: str | os.PathLike, *, window_center: float | None = DEFAULT
     return _load_pil(path, max_image_pixels)
 
 
-def load_images(path_field: str, *, image_root: str | None = None, path_map: PathMap = None,
-                base_dir: str | None = None, max_slices: int = DEFAULT_MAX_SLICES, window_center: float | None = DEFAULT_WINDOW[0],
-                window_width: float | None = DEFAULT_WINDOW[1], max_image_pixels: int | None = None) -> list[Image.Image]:
+def load_images(
+    path_field: str,
+    *,
+    image_root: str | None = None,
+    path_map: PathMap = None,
+    base_dir: str | None = None,
+    max_slices: int = DEFAULT_MAX_SLICES,
+    window_center: float | None = DEFAULT_WINDOW[0],
+    window_width: float | None = DEFAULT_WINDOW[1],
+    max_image_pixels: int | None = None,
+) -> list[Image.Image]:
     """All images of one row: ``;``-separated paths, each resolved, volumes expanded to at most
     ``max_slices`` slices each, in the order written."""
     images: list[Image.Image] = []
     for raw in split_image_paths(path_field):
         path = resolve_image_path(raw, image_root=image_root, path_map=path_map, base_dir=base_dir)
-        images.extend(load_volume_slices(path, max_slices, window_center=window_center,
-                                         window_width=window_width, max_image_pixels=max_image_pixels))
+        images.extend(
+            load_volume_slices(
+                path,
+                max_slices,
+                window_center=window_center,
+                window_width=window_width,
+                max_image_pixels=max_image_pixels,
+            )
+        )
     if not images:
         raise ImageLoadError(f"no image path in {path_field!r}")
     return images

@@ -43,8 +43,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import (ImageLoadError, PathMap, _require, is_dicom, is_nifti, load_image, resolve_image_path,
-                     sample_indices, split_image_paths)
+from .images import (
+    ImageLoadError,
+    PathMap,
+    _require,
+    is_dicom,
+    is_nifti,
+    load_image,
+    resolve_image_path,
+    sample_indices,
+    split_image_paths,
+)
 from .study_settings import StudyPreprocessing
 
 logger = logging.getLogger(__name__)
@@ -109,9 +118,16 @@ def select_slices(settings: StudyPreprocessing, start: int, stop: int, num_volum
     return list(range(start + offset, stop, settings.slice_stride))
 
 
-def load_study(field, settings: StudyPreprocessing | dict | None = None, *, image_root: str | None = None,
-               path_map: PathMap = None, base_dir: str | None = None, max_image_pixels: int | None = None,
-               max_voxels: int = MAX_STUDY_VOXELS) -> Study:
+def load_study(
+    field,
+    settings: StudyPreprocessing | dict | None = None,
+    *,
+    image_root: str | None = None,
+    path_map: PathMap = None,
+    base_dir: str | None = None,
+    max_image_pixels: int | None = None,
+    max_voxels: int = MAX_STUDY_VOXELS,
+) -> Study:
     """Load the study of one image field (a path, or ``;``-separated paths) with `settings`.
 
     Paths resolve as in `images.resolve_image_path`; `max_image_pixels` is the per-slice
@@ -137,8 +153,10 @@ def load_study(field, settings: StudyPreprocessing | dict | None = None, *, imag
     elif all(p.is_file() and not is_nifti(p) and not is_dicom(p) for p in paths):
         return _raster_study(paths, settings, max_image_pixels, source, label)
     else:
-        raise ImageLoadError(f"{label}: a ';' list holds the 2-D slices of one study, all DICOM or all PNG/JPG; "
-                             "a volume (NIfTI file, DICOM folder) must be the only path of its row")
+        raise ImageLoadError(
+            f"{label}: a ';' list holds the 2-D slices of one study, all DICOM or all PNG/JPG; "
+            "a volume (NIfTI file, DICOM folder) must be the only path of its row"
+        )
     return _volume_study(volume, affine, settings, source, label, max_voxels)
 
 
@@ -149,7 +167,9 @@ def _folder_dicom_files(folder: Path) -> list[Path]:
         raise ImageLoadError(f"{folder}: folder is empty")
     dicoms = [f for f in files if is_dicom(f)]
     if not dicoms:
-        raise ImageLoadError(f"{folder}: folder holds no DICOM files ({len(files)} other file(s), e.g. {files[0].name})")
+        raise ImageLoadError(
+            f"{folder}: folder holds no DICOM files ({len(files)} other file(s), e.g. {files[0].name})"
+        )
     return dicoms
 
 
@@ -162,23 +182,29 @@ def _check_dicom_header(ds, path: Path, n_files: int, max_image_pixels: int | No
     if modality not in ACCEPTED_MODALITIES:
         raise ImageLoadError(
             f"{path}: DICOM modality {modality or '(missing)'} (SOP class {ds.get('SOPClassUID', '?')}); hf_vlm reads "
-            f"{'/'.join(ACCEPTED_MODALITIES)} studies only: remove other objects (MR, PET, reports, ...) from the series")
+            f"{'/'.join(ACCEPTED_MODALITIES)} studies only: remove other objects (MR, PET, reports, ...) from the series"  # noqa: E501
+        )
     if "PixelData" not in ds:
         raise ImageLoadError(f"{path}: DICOM object without pixel data (SOP class {ds.get('SOPClassUID', '?')})")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageLoadError(
             f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not read: enhanced CT keeps RescaleSlope/"
             "RescaleIntercept and slice positions in per-frame functional groups; convert it with dcm2niix (to "
-            "NIfTI) or to single-frame DICOM files")
+            "NIfTI) or to single-frame DICOM files"
+        )
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise ImageLoadError(f"{path}: colour DICOM (SamplesPerPixel {ds.SamplesPerPixel}) is not a CT image in HU")
     pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
     limit = _pixel_limit(max_image_pixels)
     if limit and pixels > limit:
-        raise ImageLoadError(f"{path}: {ds.Rows}x{ds.Columns} = {pixels} pixels exceeds the decompression-bomb limit "
-                             f"of {limit} (max_image_pixels / PIL.Image.MAX_IMAGE_PIXELS)")
+        raise ImageLoadError(
+            f"{path}: {ds.Rows}x{ds.Columns} = {pixels} pixels exceeds the decompression-bomb limit "
+            f"of {limit} (max_image_pixels / PIL.Image.MAX_IMAGE_PIXELS)"
+        )
     if pixels * n_files > max_voxels:
-        raise ImageLoadError(f"{path}: {n_files} slices of {pixels} pixels exceed the study limit of {max_voxels} voxels")
+        raise ImageLoadError(
+            f"{path}: {n_files} slices of {pixels} pixels exceed the study limit of {max_voxels} voxels"
+        )
 
 
 def _same(slices: list, key, what: str, source) -> None:
@@ -186,8 +212,10 @@ def _same(slices: list, key, what: str, source) -> None:
     if len(counts) > 1:
         (common, n), *rest = counts.most_common()
         odd = next(s for s in slices if key(s) == rest[0][0])
-        raise ImageLoadError(f"{source}: mixed {what} in one series: {common} ({n} files) and {rest[0][0]} "
-                             f"({rest[0][1]} file(s), e.g. {odd['file'].name})")
+        raise ImageLoadError(
+            f"{source}: mixed {what} in one series: {common} ({n} files) and {rest[0][0]} "
+            f"({rest[0][1]} file(s), e.g. {odd['file'].name})"
+        )
 
 
 def _read_dicom_series(files: list[Path], source, max_image_pixels, max_voxels) -> tuple[np.ndarray, np.ndarray]:
@@ -210,9 +238,15 @@ def _read_dicom_series(files: list[Path], source, max_image_pixels, max_voxels) 
                 array, meta = reader.get_data(ds)
         except Exception as e:  # codecs, missing/short pixel data
             raise ImageLoadError(f"{path}: cannot read DICOM pixel data ({type(e).__name__}: {e})") from e
-        slices.append({"file": path, "ds": ds, "array": np.asarray(array, dtype=np.float32),
-                       "affine": np.asarray(meta["affine"], dtype=np.float64),
-                       "geometry": "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds})
+        slices.append(
+            {
+                "file": path,
+                "ds": ds,
+                "array": np.asarray(array, dtype=np.float32),
+                "affine": np.asarray(meta["affine"], dtype=np.float64),
+                "geometry": "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds,
+            }
+        )
     _same(slices, lambda s: str(s["ds"].get("SeriesInstanceUID", "")), "SeriesInstanceUIDs", source)
     _same(slices, lambda s: "x".join(map(str, s["array"].shape)), "image sizes", source)
     first = slices[0]
@@ -225,8 +259,10 @@ def _read_dicom_series(files: list[Path], source, max_image_pixels, max_voxels) 
         return first["array"][..., None], affine
     lacking = next((s for s in slices if not s["geometry"]), None)
     if lacking is not None:
-        raise ImageLoadError(f"{lacking['file']}: no ImagePositionPatient / ImageOrientationPatient, so the slices "
-                             f"of {source} cannot be ordered")
+        raise ImageLoadError(
+            f"{lacking['file']}: no ImagePositionPatient / ImageOrientationPatient, so the slices "
+            f"of {source} cannot be ordered"
+        )
     _same(slices, lambda s: str(np.round(s["affine"][:3, :2], 4).tolist()), "orientations or pixel spacings", source)
     positions = np.array([s["affine"][:3, 3] @ normal for s in slices])
     order = np.argsort(positions, kind="stable")
@@ -236,16 +272,22 @@ def _read_dicom_series(files: list[Path], source, max_image_pixels, max_voxels) 
     names = lambda i: f"{slices[i]['file'].name} and {slices[i + 1]['file'].name}"  # noqa: E731
     if gaps.min() < 1e-3:
         i = int(np.argmin(gaps))
-        raise ImageLoadError(f"{source}: {names(i)} lie at the same position ({positions[i]:.2f} mm): a duplicated "
-                             "slice or two series in one folder")
+        raise ImageLoadError(
+            f"{source}: {names(i)} lie at the same position ({positions[i]:.2f} mm): a duplicated "
+            "slice or two series in one folder"
+        )
     if gaps.max() > 1.5 * step:
         i = int(np.argmax(gaps))
-        raise ImageLoadError(f"{source}: missing slice: {names(i)} are {gaps[i]:.2f} mm apart where the series' "
-                             f"spacing is {step:.2f} mm (about {round(gaps[i] / step) - 1} slice(s) missing)")
+        raise ImageLoadError(
+            f"{source}: missing slice: {names(i)} are {gaps[i]:.2f} mm apart where the series' "
+            f"spacing is {step:.2f} mm (about {round(gaps[i] / step) - 1} slice(s) missing)"
+        )
     if np.abs(gaps - step).max() > 0.1 * step + 0.01:
         i = int(np.argmax(np.abs(gaps - step)))
-        raise ImageLoadError(f"{source}: irregular slice spacing: {names(i)} are {gaps[i]:.2f} mm apart, the "
-                             f"series' spacing is {step:.2f} mm")
+        raise ImageLoadError(
+            f"{source}: irregular slice spacing: {names(i)} are {gaps[i]:.2f} mm apart, the "
+            f"series' spacing is {step:.2f} mm"
+        )
     affine = slices[0]["affine"].copy()
     affine[:3, 2] = (slices[-1]["affine"][:3, 3] - slices[0]["affine"][:3, 3]) / (len(slices) - 1)
     return np.stack([s["array"] for s in slices], axis=-1), affine
@@ -264,8 +306,9 @@ def _read_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:  # nibabel: ImageFileError, gzip errors
         raise ImageLoadError(f"{path}: cannot read NIfTI volume ({type(e).__name__}: {e})") from e
     if len(shape) < 2 or any(v > 1 for v in shape[3:]):
-        raise ImageLoadError(f"{path}: NIfTI of shape {shape} is not one 2-D/3-D image (a 4-D series?); save one "
-                             "volume per study")
+        raise ImageLoadError(
+            f"{path}: NIfTI of shape {shape} is not one 2-D/3-D image (a 4-D series?); save one volume per study"
+        )
     if int(np.prod(shape)) > max_voxels:
         raise ImageLoadError(f"{path}: {shape} = {int(np.prod(shape))} voxels exceed the study limit of {max_voxels}")
     try:
@@ -288,8 +331,10 @@ def _check_hu(volume: np.ndarray, source: str) -> None:
     if high <= BODY_HU:
         raise ImageLoadError(f"{source}: empty volume: no voxel above {BODY_HU:g} HU (air only)")
     if low > BODY_HU:
-        raise ImageLoadError(f"{source}: lowest value {low:g} is above {BODY_HU:g} HU, so there is no air: not a CT in "
-                             "Hounsfield units (an MR image, or CT stored without its RescaleIntercept?)")
+        raise ImageLoadError(
+            f"{source}: lowest value {low:g} is above {BODY_HU:g} HU, so there is no air: not a CT in "
+            "Hounsfield units (an MR image, or CT stored without its RescaleIntercept?)"
+        )
 
 
 def _lung_extent(box: torch.Tensor) -> tuple[int, int] | None:
@@ -315,8 +360,9 @@ def _square_resize(slices: torch.Tensor, image_size: int | None, pad_value: floa
     return slices
 
 
-def _volume_study(volume: np.ndarray, affine: np.ndarray, settings: StudyPreprocessing, source: str,
-                  label: str, max_voxels: int) -> Study:
+def _volume_study(
+    volume: np.ndarray, affine: np.ndarray, settings: StudyPreprocessing, source: str, label: str, max_voxels: int
+) -> Study:
     from monai.data import MetaTensor
     from monai.data.utils import affine_to_spacing
     from monai.transforms import Orientation, ScaleIntensityRange, Spacing, SpatialCrop
@@ -330,18 +376,24 @@ def _volume_study(volume: np.ndarray, affine: np.ndarray, settings: StudyPreproc
         old = affine_to_spacing(image.affine, r=3).tolist()
         voxels = int(np.prod([n * (o / p if p > 0 else 1.0) for n, o, p in zip(image.shape[1:], old, pixdim)]))
         if voxels > max_voxels:
-            raise ImageLoadError(f"{label}: resampling {tuple(image.shape[1:])} voxels of {old} mm to "
-                                 f"{settings.target_spacing} mm gives ~{voxels} voxels, over the limit of {max_voxels}")
+            raise ImageLoadError(
+                f"{label}: resampling {tuple(image.shape[1:])} voxels of {old} mm to "
+                f"{settings.target_spacing} mm gives ~{voxels} voxels, over the limit of {max_voxels}"
+            )
         image = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border")(image)
     spacing = tuple(round(float(v), 6) for v in affine_to_spacing(image.affine, r=3))
     data = image.as_tensor().float()
     depth = data.shape[-1]
-    start, end = generate_spatial_bounding_box(data, select_fn=lambda x: x > BODY_HU, margin=(2, 2, 0),
-                                               allow_smaller=True)
-    extent, used = ((0, depth), "full") if settings.slice_sampling == "middle" or settings.extent == "full" else (
-        (start[2], end[2]), "body")
+    start, end = generate_spatial_bounding_box(
+        data, select_fn=lambda x: x > BODY_HU, margin=(2, 2, 0), allow_smaller=True
+    )
+    extent, used = (
+        ((0, depth), "full")
+        if settings.slice_sampling == "middle" or settings.extent == "full"
+        else ((start[2], end[2]), "body")
+    )
     if settings.extent == "lung" and used == "body":
-        lung = _lung_extent(data[:, start[0]:end[0], start[1]:end[1], :])
+        lung = _lung_extent(data[:, start[0] : end[0], start[1] : end[1], :])
         if lung is None:
             logger.warning("%s: no lung-density slices found; sampling the body extent instead", label)
         else:
@@ -350,16 +402,20 @@ def _volume_study(volume: np.ndarray, affine: np.ndarray, settings: StudyPreproc
         data = _plain(SpatialCrop(roi_start=(start[0], start[1], 0), roi_end=(end[0], end[1], depth))(data))
     indices = select_slices(settings, extent[0], extent[1], depth)
     picked = _square_resize(data[0, :, :, indices].permute(2, 0, 1), settings.image_size, AIR_HU)  # (S, x, y)
-    channels = torch.stack([_plain(ScaleIntensityRange(a_min=w.low, a_max=w.high, b_min=0.0, b_max=1.0,
-                                                                clip=True)(picked)) for w in settings.windows], dim=1)
+    channels = torch.stack(
+        [
+            _plain(ScaleIntensityRange(a_min=w.low, a_max=w.high, b_min=0.0, b_max=1.0, clip=True)(picked))
+            for w in settings.windows
+        ],
+        dim=1,
+    )
     channels = channels.expand(-1, settings.channels, -1, -1) if len(settings.windows) == 1 else channels
     pixels = channels.transpose(-1, -2).flip(-2, -1).contiguous().float()  # (S, C, H=y, W=x), radiological
     z = torch.tensor([(i - extent[0] + 0.5) / (extent[1] - extent[0]) for i in indices], dtype=torch.float32)
     return Study(pixels, z, tuple(indices), depth, spacing, tuple(extent), used, source, settings)
 
 
-def _raster_study(paths: list[Path], settings: StudyPreprocessing, max_image_pixels, source: str,
-                  label: str) -> Study:
+def _raster_study(paths: list[Path], settings: StudyPreprocessing, max_image_pixels, source: str, label: str) -> Study:
     images = [load_image(p, max_image_pixels=max_image_pixels) for p in paths]  # RGB, EXIF-rotated, bomb-checked
     sizes = Counter(im.size for im in images)
     if len(sizes) > 1:
@@ -375,6 +431,7 @@ def _raster_study(paths: list[Path], settings: StudyPreprocessing, max_image_pix
     s, c, h, w = picked.shape
     if settings.image_size:
         picked = _square_resize(picked.reshape(s * c, h, w), settings.image_size, 0.0).reshape(
-            s, c, settings.image_size, settings.image_size)
+            s, c, settings.image_size, settings.image_size
+        )
     z = torch.tensor([(i + 0.5) / len(paths) for i in indices], dtype=torch.float32)
     return Study(picked.contiguous(), z, tuple(indices), len(paths), None, (0, len(paths)), "full", source, settings)

@@ -53,7 +53,9 @@ class Window:
 
 def parse_window(spec: Any) -> Window:
     """A preset name, ``"W1500/L-600"`` / ``"L-600/W1500"``, ``(level, width)`` or a dict -> `Window`."""
-    allowed = f"a preset name ({', '.join(WINDOW_PRESETS)}), 'W<width>/L<level>', (level, width) or {{'level', 'width'}}"
+    allowed = (
+        f"a preset name ({', '.join(WINDOW_PRESETS)}), 'W<width>/L<level>', (level, width) or {{'level', 'width'}}"
+    )
     if isinstance(spec, Window):
         window = spec
     elif isinstance(spec, str) and spec.strip().lower() in WINDOW_PRESETS:
@@ -71,8 +73,14 @@ def parse_window(spec: Any) -> Window:
     if not window.width > 0:
         raise ValueError(f"window {spec!r}: width must be > 0, got {window.width}")
     if window.name is None:  # a custom window equal to a preset is that preset
-        window = next((Window(window.level, window.width, n) for n, lw in WINDOW_PRESETS.items()
-                       if lw == (window.level, window.width)), window)
+        window = next(
+            (
+                Window(window.level, window.width, n)
+                for n, lw in WINDOW_PRESETS.items()
+                if lw == (window.level, window.width)
+            ),
+            window,
+        )
     return window
 
 
@@ -127,21 +135,27 @@ class StudyPreprocessing:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
         if len(windows) not in (1, self.channels):
-            raise ValueError(f"{len(windows)} windows for {self.channels} channels: give 1 window (repeated) "
-                             f"or one per channel")
+            raise ValueError(
+                f"{len(windows)} windows for {self.channels} channels: give 1 window (repeated) or one per channel"
+            )
         _choice("slice_sampling", self.slice_sampling, SLICE_SAMPLINGS)
         _choice("extent", self.extent, EXTENTS)
         _choice("crop", self.crop, CROPS)
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
-                                            or self.image_size < 1):
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
+        ):
             raise ValueError(f"image_size must be None or an integer >= 1; got {self.image_size!r}")
         spacing = self.target_spacing
         if spacing is not None:
             spacing = (spacing,) * 3 if isinstance(spacing, (int, float)) else tuple(spacing)
             if len(spacing) != 3 or any(v is not None and (isinstance(v, bool) or not float(v) > 0) for v in spacing):
-                raise ValueError(f"target_spacing must be None or 3 values (x, y, z) in mm, each > 0 or None; "
-                                 f"got {self.target_spacing!r}")
-            spacing = None if all(v is None for v in spacing) else tuple(None if v is None else float(v) for v in spacing)
+                raise ValueError(
+                    f"target_spacing must be None or 3 values (x, y, z) in mm, each > 0 or None; "
+                    f"got {self.target_spacing!r}"
+                )
+            spacing = (
+                None if all(v is None for v in spacing) else tuple(None if v is None else float(v) for v in spacing)
+            )
         set_("target_spacing", spacing)
 
     # --- serialisation ---------------------------------------------------------------------------
@@ -153,7 +167,7 @@ class StudyPreprocessing:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "StudyPreprocessing":
+    def from_dict(cls, data: dict | None) -> StudyPreprocessing:
         """Inverse of `to_dict`; an unknown key is an error naming the allowed ones."""
         data = dict(data or {})
         allowed = [f.name for f in fields(cls)]
@@ -187,8 +201,9 @@ class StudyPreprocessing:
         return out
 
     @classmethod
-    def legacy_middle_slice(cls, window_center: float = WINDOW_PRESETS["lung"][0],
-                            window_width: float = WINDOW_PRESETS["lung"][1]) -> "StudyPreprocessing":
+    def legacy_middle_slice(
+        cls, window_center: float = WINDOW_PRESETS["lung"][0], window_width: float = WINDOW_PRESETS["lung"][1]
+    ) -> StudyPreprocessing:
         """The settings equivalent to the pre-study loader with `max_slices=1` (a checkpoint
         without study settings): the volume's middle slice, one window, no crop, no resize."""
         return cls(windows=((window_center, window_width),), slice_sampling="middle", crop="none")
@@ -211,20 +226,26 @@ def check_study_flags(settings: StudyPreprocessing | None, requested: dict, chec
     if settings is None:
         raise StudySettingsMismatchError(
             f"{checkpoint} was trained on 2-D images (its processor has no study settings), so "
-            f"{', '.join('--' + k for k in given)} cannot apply; omit them")
+            f"{', '.join('--' + k for k in given)} cannot apply; omit them"
+        )
     problems = []
     for name, value in given.items():
         trained = getattr(settings, name)
         if name == "windows":
             value = tuple(parse_window(v) for v in ([value] if isinstance(value, str) else value))
             same = [(w.level, w.width) for w in value] == [(w.level, w.width) for w in trained]
-            shown, trained_shown = [w.name or f"W{w.width:g}/L{w.level:g}" for w in value], [
-                w.name or f"W{w.width:g}/L{w.level:g}" for w in trained]
+            shown, trained_shown = (
+                [w.name or f"W{w.width:g}/L{w.level:g}" for w in value],
+                [w.name or f"W{w.width:g}/L{w.level:g}" for w in trained],
+            )
         else:
             same, shown, trained_shown = value == trained, value, trained
         if not same:
-            problems.append(f"--{name} {shown} differs from the training setting of {checkpoint}: "
-                            f"{name}={trained_shown}")
+            problems.append(
+                f"--{name} {shown} differs from the training setting of {checkpoint}: {name}={trained_shown}"
+            )
     if problems:
-        raise StudySettingsMismatchError("; ".join(problems) + ". A model must run with the preprocessing it was "
-                                         "trained with (omit the flag to use the checkpoint's value).")
+        raise StudySettingsMismatchError(
+            "; ".join(problems) + ". A model must run with the preprocessing it was "
+            "trained with (omit the flag to use the checkpoint's value)."
+        )

@@ -31,16 +31,20 @@ _PUNCT_FULL = {",": "，", ";": "；", ":": "：", "!": "！", "?": "？", "(": 
 # UTF-8 or GBK bytes). Legitimate report symbols (× ° ± µ · ² ³) are excluded.
 _MOJIBAKE_MARKERS = re.compile(
     "[\u0080-\u00af\u00b4\u00b6\u00b8-\u00d6\u00d8-\u00f6\u00f8-\u00ff\u0152\u0153\u0160\u0161"
-    "\u0178\u017d\u017e\u0192\u02c6\u02dc\u2020\u2021\u2030\u2039\u203a\u20ac\u2122]")
+    "\u0178\u017d\u017e\u0192\u02c6\u02dc\u2020\u2021\u2030\u2039\u203a\u20ac\u2122]"
+)
 # GB2312 level 1: the 3,755 most frequent hanzi, ~98 % of report text. UTF-8 bytes read as GBK
 # land almost entirely outside it, which is what makes GBK-style mojibake detectable.
-_COMMON_HANZI = frozenset(bytes([hi, lo]).decode("gb2312", "ignore")
-                          for hi in range(0xB0, 0xD8) for lo in range(0xA1, 0xFF)) - {""}
+_COMMON_HANZI = frozenset(
+    bytes([hi, lo]).decode("gb2312", "ignore") for hi in range(0xB0, 0xD8) for lo in range(0xA1, 0xFF)
+) - {""}
 _COMMON_HANZI_RE = re.compile("[" + "".join(sorted(_COMMON_HANZI)) + "]")
 _LATIN_LETTER = re.compile("[A-Za-z]")
 _NOT_ALNUM = re.compile(r"[\W_]+")
 _LOST_BYTES = re.compile("\ufffd|锟斤拷|烫烫烫|屯屯屯")
-_CONTROL = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff]")
+_CONTROL = re.compile(
+    "[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff]"
+)
 _NEWLINE_AFTER_CJK = re.compile(f"(?<=[{CJK}a-zA-Z0-9])[ \t]*[\r\n]+\\s*(?=\\S)")
 _SPACES = re.compile(r"\s+")
 _SPACE_NEAR_CJK = re.compile(f"(?<=[{CJK}{_CJK_PUNCT}]) | (?=[{CJK}{_CJK_PUNCT}])")
@@ -51,14 +55,19 @@ _LEADING_PUNCT = re.compile("^[，。；：、！？\\s]+")
 _SENTENCES = re.compile("(?<=[。！？；\n])")
 _CLAUSES = re.compile("(?<=[，、])")
 
-URL_RE = re.compile(r"(?:https?://|ftp://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|cn|net|org|cc|top|vip|xyz|info|io)\b(?:/\S*)?", re.I | re.A)
+URL_RE = re.compile(
+    r"(?:https?://|ftp://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|cn|net|org|cc|top|vip|xyz|info|io)\b(?:/\S*)?",
+    re.I | re.A,
+)
 EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", re.A)
 PHONE_RE = re.compile(
     r"(?<![\d.])(?:(?:\+?86[-\s]?)?1[3-9]\d{9}|[48]00[-\s]?\d{3}[-\s]?\d{4}|0\d{2,3}[-\s]?\d{7,8})(?![\d.])"
 )
 BOILERPLATE_RE = re.compile(
     r"客服|电话|咨询|热线|微信|扫码|扫一扫|二维码|公众号|官网|网址|下载|客户端|联系我们|投诉|"
-    r"加群|(?<![a-z])(?:qq|vx|app)(?![a-z])|版权所有|免责声明|广告|点击链接|关注我们|关注公众号", re.I)
+    r"加群|(?<![a-z])(?:qq|vx|app)(?![a-z])|版权所有|免责声明|广告|点击链接|关注我们|关注公众号",
+    re.I,
+)
 # Loops: a phrase of 2-16 characters, or 1-3 whole clauses ending in punctuation (any length,
 # tried only at clause starts, which keeps the scan cheap), repeated 3+ times in a row.
 _REPEAT = re.compile(r"(.{2,16}?)\1{2,}", re.S)
@@ -67,12 +76,16 @@ _PLACEHOLDERS = {"", "nan", "none", "null", "n/a", "na", "-", "--", "/", "无", 
 REPORT_HINT_RE = re.compile(
     r"肺|叶|段|气管|纵隔|胸|心|肝|胆|胰|脾|肾|膀胱|子宫|附件|前列腺|肠|胃|食管|脑|颅|脊|椎|骨|关节|甲状腺|乳|"
     r"淋巴|血管|动脉|静脉|结节|肿块|病灶|病变|密度|信号|强化|影|灶|囊|钙化|积液|异常|正常|未见|扫描|平扫|增强|"
-    r"(?<![a-z])(?:ct|mri?|hu)(?![a-z])|\dmm|\dcm", re.I)
+    r"(?<![a-z])(?:ct|mri?|hu)(?![a-z])|\dmm|\dcm",
+    re.I,
+)
 NORMAL_RE = re.compile(r"无异常|未见异常|未见明显异常|未见明确异常|未见明显病变|未见异常征象|无明显异常|未见病灶|正常")
 _NEGATED = re.compile(r"(?:未见|未发现|无|没有|未示)[^，,。；;]*")
 _FINDING = re.compile(
     r"结节|肿块|占位|病灶|钙化|积液|增厚|实变|渗出|磨玻璃|斑片|索条|条索|囊|空洞|气肿|大疱|扩张|骨折|"
-    r"肿大|增大|增粗|狭窄|不张|转移|炎|癌|瘤|\d|mm|cm", re.I)
+    r"肿大|增大|增粗|狭窄|不张|转移|炎|癌|瘤|\d|mm|cm",
+    re.I,
+)
 
 
 def is_placeholder(text: str | None) -> bool:
@@ -115,8 +128,13 @@ def repair_mojibake(text: str) -> tuple[str, str]:
     """
     if text.isascii() or not looks_like_mojibake(text) and not _MOJIBAKE_MARKERS.search(text):
         return text, "ok"
-    candidates = [text, ftfy.fix_encoding(text), _recode(text, "gbk", "utf-8"),
-                  _recode(text, "latin-1", "gb18030"), _recode(text, "cp1252", "gb18030")]
+    candidates = [
+        text,
+        ftfy.fix_encoding(text),
+        _recode(text, "gbk", "utf-8"),
+        _recode(text, "latin-1", "gb18030"),
+        _recode(text, "cp1252", "gb18030"),
+    ]
     best = min((c for c in candidates if c), key=_lossy_badness)  # min() keeps the first on ties
     if looks_like_mojibake(best):
         return text, "unrepairable"
@@ -144,8 +162,9 @@ def normalize_text(text: str) -> str:
 
 
 def _is_garbage(clause: str) -> bool:
-    return bool(URL_RE.search(clause) or EMAIL_RE.search(clause) or PHONE_RE.search(clause)
-                or BOILERPLATE_RE.search(clause))
+    return bool(
+        URL_RE.search(clause) or EMAIL_RE.search(clause) or PHONE_RE.search(clause) or BOILERPLATE_RE.search(clause)
+    )
 
 
 def strip_garbage(text: str) -> str:

@@ -52,8 +52,10 @@ def _header_problem(path: Path) -> str | None:
         with Image.open(path) as image:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and image.width * image.height > limit:
-                return (f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the "
-                        f"decompression-bomb limit of {limit}")
+                return (
+                    f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds the "
+                    f"decompression-bomb limit of {limit}"
+                )
             image.verify()  # chunk structure and checksums, without decompressing
     except ImportError as error:
         return str(error)
@@ -81,8 +83,9 @@ def image_problems(field: str, mode: str = "header") -> list[str]:
     return problems or ([] if split_image_paths(field) else ["empty image path"])
 
 
-def validate_dataset_images(dataset, csv_path: str | os.PathLike | None, mode: str = "header",
-                            progress: bool = True) -> int:
+def validate_dataset_images(
+    dataset, csv_path: str | os.PathLike | None, mode: str = "header", progress: bool = True
+) -> int:
     """Check every row's images; raise `ValueError` listing the bad rows. Returns the rows checked."""
     if mode == "off" or dataset is None:
         return 0
@@ -95,8 +98,13 @@ def validate_dataset_images(dataset, csv_path: str | os.PathLike | None, mode: s
     fields = list(plain[column])
     row_ids = list(plain["row_id"]) if "row_id" in plain.column_names else list(range(len(fields)))
     bad = []
-    bar = tqdm(zip(row_ids, fields), total=len(fields), desc=f"checking images ({mode})", unit="row",
-               disable=not progress or len(fields) < _PROGRESS_FROM)
+    bar = tqdm(
+        zip(row_ids, fields),
+        total=len(fields),
+        desc=f"checking images ({mode})",
+        unit="row",
+        disable=not progress or len(fields) < _PROGRESS_FROM,
+    )
     for row_id, field in bar:
         for problem in image_problems(field, mode):
             bad.append(f"row_id {row_id}: {problem}")

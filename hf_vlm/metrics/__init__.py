@@ -21,8 +21,12 @@ from .tokenize import describe_tokenization, normalize, tokenize, tokenize_joine
 
 #: names accepted by load_metric -> folder under hf_vlm/metrics_modules
 LOCAL_METRICS = {
-    "bleu": "report_bleu", "rouge": "report_rouge", "rouge_l": "report_rouge",
-    "cider": "report_cider", "cider_d": "report_cider", "findings": "report_findings",
+    "bleu": "report_bleu",
+    "rouge": "report_rouge",
+    "rouge_l": "report_rouge",
+    "cider": "report_cider",
+    "cider_d": "report_cider",
+    "findings": "report_findings",
 }
 MODULES_DIR = Path(__file__).resolve().parent.parent / "metrics_modules"
 
@@ -32,7 +36,9 @@ def local_metric_path(name: str) -> Path:
     folder = LOCAL_METRICS.get(name, name)
     path = MODULES_DIR / folder / f"{folder}.py"
     if not path.is_file():
-        raise ValueError(f"unknown local metric {name!r}; choose from {sorted(set(LOCAL_METRICS) | set(LOCAL_METRICS.values()))}")
+        raise ValueError(
+            f"unknown local metric {name!r}; choose from {sorted(set(LOCAL_METRICS) | set(LOCAL_METRICS.values()))}"
+        )
     return path
 
 
@@ -45,9 +51,27 @@ def load_metric(name: str, **kwargs):
 
 
 __all__ = [
-    "Fact", "FindingsTable", "LOCAL_METRICS", "METRIC_NAMES", "cider_d", "compute_report_metrics",
-    "corpus_bleu", "corpus_repetition", "corpus_rouge_l", "describe_tokenization", "extract_facts",
-    "findings_scores", "format_table", "lcs_length", "load_findings_table", "load_metric",
-    "local_metric_path", "normalize", "repetition_score", "rouge_l", "text_repetition", "tokenize",
+    "Fact",
+    "FindingsTable",
+    "LOCAL_METRICS",
+    "METRIC_NAMES",
+    "cider_d",
+    "compute_report_metrics",
+    "corpus_bleu",
+    "corpus_repetition",
+    "corpus_rouge_l",
+    "describe_tokenization",
+    "extract_facts",
+    "findings_scores",
+    "format_table",
+    "lcs_length",
+    "load_findings_table",
+    "load_metric",
+    "local_metric_path",
+    "normalize",
+    "repetition_score",
+    "rouge_l",
+    "text_repetition",
+    "tokenize",
     "tokenize_joined",
 ]

@@ -28,7 +28,6 @@ from pathlib import Path
 from .findings_table import DEFAULT_TABLE, Fact, FindingsTable, load_findings_table
 from .tokenize import normalize
 
-
 _NUM = r"\d+(?:\.\d+)?"
 
 
@@ -57,7 +56,7 @@ class _Compiled:
         self.sentences = re.compile("[" + re.escape(table.sentence_breaks) + "]")
 
     def size_mm(self, text: str) -> float | None:
-        """"8×6mm" -> 8.0, "1.2cm" -> 12.0; None without any unit ("第3肋", "2个")."""
+        """ "8×6mm" -> 8.0, "1.2cm" -> 12.0; None without any unit ("第3肋", "2个")."""
         parts = self.size_part.findall(text)
         values, unit = [], None
         for number, part_unit in reversed(parts):  # a trailing unit applies to bare numbers before it
@@ -117,7 +116,9 @@ def _sentence_facts(sentence: str, c: _Compiled) -> set[Fact]:
         groups = _locations([locs[j] for j in before], table.lobe_sides) or prev
         if not groups:  # "结节位于右肺上叶": look ahead within the clause, up to the next finding
             stop = findings[i + 1][0] if i + 1 < len(findings) else len(sentence)
-            after = [j for j, m in enumerate(locs) if j not in used and end <= m[0] < stop and clause[m[0]] == clause[start]]
+            after = [
+                j for j, m in enumerate(locs) if j not in used and end <= m[0] < stop and clause[m[0]] == clause[start]
+            ]
             used.update(after)
             groups = _locations([locs[j] for j in after], table.lobe_sides)
         places.append(groups)
@@ -216,8 +217,13 @@ def findings_scores(
     n = max(len(predictions), 1)
     p, r, f1 = _prf(hits_total, pred_total, ref_total)
     return {
-        "findings_precision": p, "findings_recall": r, "findings_f1": f1,
-        "findings_macro_precision": macro[0] / n, "findings_macro_recall": macro[1] / n,
+        "findings_precision": p,
+        "findings_recall": r,
+        "findings_f1": f1,
+        "findings_macro_precision": macro[0] / n,
+        "findings_macro_recall": macro[1] / n,
         "findings_macro_f1": macro[2] / n,
-        "findings_n_pred": pred_total, "findings_n_ref": ref_total, "findings_n_match": hits_total,
+        "findings_n_pred": pred_total,
+        "findings_n_ref": ref_total,
+        "findings_n_match": hits_total,
     }

@@ -14,16 +14,26 @@ from pathlib import Path
 
 from .findings import FindingsTable, findings_scores
 from .repetition import DEFAULT_N, DEFAULT_THRESHOLD, corpus_repetition
-from .scores import corpus_bleu, corpus_rouge_l, cider_d
+from .scores import cider_d, corpus_bleu, corpus_rouge_l
 from .tokenize import GRANULARITIES, describe_tokenization, tokenize
 
 METRIC_NAMES = (
-    "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d",
-    "findings_precision", "findings_recall", "findings_f1", "repetition",
+    "bleu_1",
+    "bleu_2",
+    "bleu_3",
+    "bleu_4",
+    "rouge_l",
+    "cider_d",
+    "findings_precision",
+    "findings_recall",
+    "findings_f1",
+    "repetition",
 )
 
 
-def as_reference_lists(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+def as_reference_lists(
+    predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
+) -> list[list[str]]:
     """Accept one reference string per report or a list of references per report."""
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError("predictions and references must be lists of reports, not a single string")
@@ -89,11 +99,18 @@ def compute_report_metrics(
 def format_table(metrics: dict) -> str:
     """Plain-text table for the console; the granularity line comes first on purpose."""
     labels = {
-        "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
-        "rouge_l": "ROUGE-L", "cider_d": "CIDEr-D (x10 scale)",
-        "findings_precision": "Findings P (micro)", "findings_recall": "Findings R (micro)",
-        "findings_f1": "Findings F1 (micro)", "findings_macro_f1": "Findings F1 (macro)",
-        "repetition": "Repetition (seq-rep-4)", "repetition_flagged": "Looping reports",
+        "bleu_1": "BLEU-1",
+        "bleu_2": "BLEU-2",
+        "bleu_3": "BLEU-3",
+        "bleu_4": "BLEU-4",
+        "rouge_l": "ROUGE-L",
+        "cider_d": "CIDEr-D (x10 scale)",
+        "findings_precision": "Findings P (micro)",
+        "findings_recall": "Findings R (micro)",
+        "findings_f1": "Findings F1 (micro)",
+        "findings_macro_f1": "Findings F1 (macro)",
+        "repetition": "Repetition (seq-rep-4)",
+        "repetition_flagged": "Looping reports",
         "n_reports": "Reports",
     }
     lines = [f"Granularity: {metrics.get('tokenization', metrics.get('granularity'))}"]
@@ -103,5 +120,7 @@ def format_table(metrics: dict) -> str:
             value = metrics[key]
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             lines.append(f"  {label:<{width}}  {shown}")
-    lines.append("  (METEOR not provided: no Java-free, Chinese-capable implementation comparable to published numbers)")
+    lines.append(
+        "  (METEOR not provided: no Java-free, Chinese-capable implementation comparable to published numbers)"
+    )
     return "\n".join(lines)

@@ -108,14 +108,18 @@ def rouge_l(hypothesis: Tokens, references: Sequence[Tokens], beta: float = 1.2)
     return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
-def corpus_rouge_l(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], beta: float = 1.2) -> tuple[float, list[float]]:
+def corpus_rouge_l(
+    hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], beta: float = 1.2
+) -> tuple[float, list[float]]:
     """Mean sentence ROUGE-L over the corpus and the per-report scores."""
     _check_pairs(hypotheses, references)
     per_report = [rouge_l(h, refs, beta) for h, refs in zip(hypotheses, references)]
     return (sum(per_report) / len(per_report) if per_report else 0.0), per_report
 
 
-def cider_d(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], n: int = 4, sigma: float = 6.0) -> tuple[float, list[float]]:
+def cider_d(
+    hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]], n: int = 4, sigma: float = 6.0
+) -> tuple[float, list[float]]:
     """CIDEr-D as pycocoevalcap 1.2's ``Cider`` scorer computes it (which *is* CIDEr-D).
 
     - TF-IDF vectors per n-gram order 1..n; the IDF is ``log(N) - log(max(1, df))`` where N is

@@ -41,7 +41,7 @@ def describe_tokenization(granularity: str = "char", keep_punct: bool = False) -
     """One line for tables and JSON outputs, so a score is never quoted without its unit."""
     punct = "punctuation kept" if keep_punct else "punctuation removed"
     if granularity == "char":
-        return f'char: each CJK character is a token, ASCII runs like "12mm"/"1.2cm"/"8×6mm" are one token, {punct}, NFKC + lower-case'
+        return f'char: each CJK character is a token, ASCII runs like "12mm"/"1.2cm"/"8×6mm" are one token, {punct}, NFKC + lower-case'  # noqa: E501
     if granularity == "word":
         return f"word: jieba segmentation, {punct}, NFKC + lower-case"
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")

@@ -68,11 +68,16 @@ SCOPES = ("hf_vlm", "global", "off")
 SCOPE_ENV, BACKEND_ENV = "HF_VLM_FAST_SCAN", "HF_VLM_SCAN_BACKEND"
 # transformers' per-function "falling back to its reference PyTorch implementation" notes that
 # are wrong while our scan serves the call
-_FALLBACK_FUNCS = ("selective_scan_fn", "selective_state_update", "mamba_inner_fn", "causal_conv1d_fn",
-                   "causal_conv1d_update")
+_FALLBACK_FUNCS = (
+    "selective_scan_fn",
+    "selective_state_update",
+    "mamba_inner_fn",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mamba_kernels_available() -> bool:
     """True when mamba-ssm and causal-conv1d import and a CUDA device is present (checked once)."""
     try:
@@ -95,12 +100,12 @@ def _hub_kernels_enabled() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None  # looked up, not imported
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         importlib.import_module("hf_vlm.ops.triton_scan")
@@ -117,24 +122,46 @@ def _triton_unavailable(device: torch.device) -> str | None:
     return _triton_import_error()
 
 
-def _triton_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                 return_last_state=False, **kwargs):
+def _triton_scan(
+    hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **kwargs
+):
     """Our Triton scan with transformers' `mamba_selective_scan` signature; fp64 calls (which the
     fp32 kernels refuse) go to the chunked scan."""
     if torch.float64 in (hidden_states.dtype, dt.dtype, A.dtype):
         return _chunked_scan(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     from .triton_scan import selective_scan as triton_selective_scan
 
-    return triton_selective_scan(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                                 delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return triton_selective_scan(
+        hidden_states,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        return_last_state=return_last_state,
+    )
 
 
-def _chunked_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                  return_last_state=False, **kwargs):
+def _chunked_scan(
+    hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, **kwargs
+):
     """Our chunked scan with transformers' `mamba_selective_scan` signature (ignores `use_mambapy`,
     `use_associative_scan` and other backend-selection keywords)."""
-    return selective_scan(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                          delta_softplus=delta_softplus, return_last_state=return_last_state)
+    return selective_scan(
+        hidden_states,
+        dt,
+        A,
+        B,
+        C,
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+        return_last_state=return_last_state,
+    )
 
 
 @dataclass
@@ -152,13 +179,15 @@ def _cuda_only(reason_missing: str, check: Callable[[], bool]) -> Callable[[torc
         if device.type != "cuda":
             return "needs CUDA tensors"
         return None if check() else reason_missing
+
     return unavailable
 
 
 _RUNGS: dict[str, ScanRung] = {
     "mamba_ssm": ScanRung("mamba_ssm", _cuda_only("mamba-ssm / causal-conv1d not importable", mamba_kernels_available)),
-    "hub_kernels": ScanRung("hub_kernels", _cuda_only("`kernels` not installed or USE_HUB_KERNELS not set",
-                                                      _hub_kernels_enabled)),
+    "hub_kernels": ScanRung(
+        "hub_kernels", _cuda_only("`kernels` not installed or USE_HUB_KERNELS not set", _hub_kernels_enabled)
+    ),
     "hf_vlm_triton": ScanRung("hf_vlm_triton", _triton_unavailable, _triton_scan),
     "hf_vlm_chunked": ScanRung("hf_vlm_chunked", lambda device: None, _chunked_scan),
     "transformers_reference": ScanRung("transformers_reference", lambda device: None),
@@ -293,7 +322,7 @@ def attach_fast_scan(language_model: torch.nn.Module) -> int:
 
 
 def set_scan_scope(scope: str) -> None:
-    """"hf_vlm" (default: hf_vlm models only), "global" (every Mamba-1 layer) or "off"."""
+    """ "hf_vlm" (default: hf_vlm models only), "global" (every Mamba-1 layer) or "off"."""
     if scope not in SCOPES:
         raise ValueError(f"scan scope must be one of {SCOPES}, got {scope!r}")
     _state["scope"] = scope

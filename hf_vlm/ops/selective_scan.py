@@ -209,8 +209,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         )
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, chunk_size=None):
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, chunk_size=None
+):
     """Selective scan with the semantics of mamba-ssm's ``selective_scan_fn``.
 
     Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L); D, delta_bias (D,).
@@ -226,8 +227,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if return_last_state else out
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+):
     """Plain sequential reference (autograd-differentiable, fp64-capable) used by the tests."""
     dtype_in = u.dtype
     cd = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32

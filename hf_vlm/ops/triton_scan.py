@@ -92,12 +92,46 @@ def _load_dt(ptr, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr, last_ptr,
-    dim, dstate, seqlen, n_chunks,
-    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,
-    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    u_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    states_ptr,
+    last_ptr,
+    dim,
+    dstate,
+    seqlen,
+    n_chunks,
+    s_u_b,
+    s_u_d,
+    s_u_l,
+    s_dt_b,
+    s_dt_d,
+    s_dt_l,
+    s_A_d,
+    s_A_n,
+    s_B_b,
+    s_B_n,
+    s_B_l,
+    s_C_b,
+    s_C_n,
+    s_C_l,
+    s_z_b,
+    s_z_d,
+    s_z_l,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     # Tiles are (N, D, L): with BLOCK_D * BLOCK_L = threads, Triton's default layout gives each
     # thread all N states of one (channel, step), so sums over N stay inside a thread and
@@ -128,8 +162,9 @@ def _scan_fwd_kernel(
             tl.store(states_ptr + (b * n_chunks + k) * dim * dstate + nd_offs, h, mask=mask_nd)
         u = tl.load(u_ptr + b * s_u_b + offs_d[:, None] * s_u_d + t[None, :] * s_u_l, mask=m_dl, other=0.0)
         u = u.to(tl.float32)
-        _, dt = _load_dt(dt_ptr + b * s_dt_b + offs_d[:, None] * s_dt_d + t[None, :] * s_dt_l, m_dl, bias,
-                         HAS_BIAS, SOFTPLUS)
+        _, dt = _load_dt(
+            dt_ptr + b * s_dt_b + offs_d[:, None] * s_dt_d + t[None, :] * s_dt_l, m_dl, bias, HAS_BIAS, SOFTPLUS
+        )
         Bt = tl.load(B_ptr + b * s_B_b + offs_n[:, None] * s_B_n + t[None, :] * s_B_l, mask=m_nl, other=0.0)
         Ct = tl.load(C_ptr + b * s_C_b + offs_n[:, None] * s_C_n + t[None, :] * s_C_l, mask=m_nl, other=0.0)
         a = tl.exp2(A2[:, :, None] * dt[None, :, :])  # (BN, BD, BL); 1 where masked
@@ -151,13 +186,57 @@ def _scan_fwd_kernel(
 
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, gout_ptr, glast_ptr,
-    gu_ptr, gdt_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gz_ptr, gbias_ptr,
-    dim, dstate, seqlen, n_chunks,
-    s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_A_d, s_A_n,
-    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_d, s_z_l, s_g_b, s_g_d, s_g_l,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_GLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    u_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    states_ptr,
+    gout_ptr,
+    glast_ptr,
+    gu_ptr,
+    gdt_ptr,
+    gA_ptr,
+    gB_ptr,
+    gC_ptr,
+    gD_ptr,
+    gz_ptr,
+    gbias_ptr,
+    dim,
+    dstate,
+    seqlen,
+    n_chunks,
+    s_u_b,
+    s_u_d,
+    s_u_l,
+    s_dt_b,
+    s_dt_d,
+    s_dt_l,
+    s_A_d,
+    s_A_n,
+    s_B_b,
+    s_B_n,
+    s_B_l,
+    s_C_b,
+    s_C_n,
+    s_C_l,
+    s_z_b,
+    s_z_d,
+    s_z_l,
+    s_g_b,
+    s_g_d,
+    s_g_l,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_GLAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -197,8 +276,9 @@ def _scan_bwd_kernel(
         Bt = tl.load(B_ptr + b * s_B_b + offs_n[:, None] * s_B_n + t[None, :] * s_B_l, mask=m_nl, other=0.0)
         Bt = Bt.to(tl.float32)
         x = Bt[:, None, :] * w[None, :, :]
-        a_cum, x_cum = tl.associative_scan((tl.exp2(A2[:, :, None] * dt[None, :, :]), x), axis=2,
-                                           combine_fn=_linear_combine)
+        a_cum, x_cum = tl.associative_scan(
+            (tl.exp2(A2[:, :, None] * dt[None, :, :]), x), axis=2, combine_fn=_linear_combine
+        )
         hs = a_cum * h0[:, :, None] + x_cum  # (BN, BD, BL)
         ah = hs - x  # a_t * h_{t-1}
         # adjoint, last step first: lam_t = C_t gy_t + a_{t+1} lam_{t+1}; step t+1's decay is 1
@@ -215,9 +295,12 @@ def _scan_bwd_kernel(
         _, dt_next = _load_dt(dt_ptr + dt_offs + s_dt_l, m_next, bias, HAS_BIAS, SOFTPLUS)
         Ct = tl.load(C_ptr + b * s_C_b + offs_n[:, None] * s_C_n + t[None, :] * s_C_l, mask=m_nl, other=0.0)
         Ct = Ct.to(tl.float32)
-        c_cum, g_cum = tl.associative_scan((tl.exp2(A2[:, :, None] * dt_next[None, :, :]),
-                                            Ct[:, None, :] * gy[None, :, :]), axis=2,
-                                           combine_fn=_linear_combine, reverse=True)
+        c_cum, g_cum = tl.associative_scan(
+            (tl.exp2(A2[:, :, None] * dt_next[None, :, :]), Ct[:, None, :] * gy[None, :, :]),
+            axis=2,
+            combine_fn=_linear_combine,
+            reverse=True,
+        )
         lam = c_cum * lam_next[:, :, None] + g_cum  # (BN, BD, BL)
         lam_next = _sum(tl.where(offs_l[None, None, :] == 0, lam, 0.0), 2)
         # B and C are shared by all channels: reduce this block's share, add it atomically
@@ -237,8 +320,9 @@ def _scan_bwd_kernel(
         if HAS_Z:  # d silu(z)/dz = sig * (1 + z * (1 - sig))
             y = _sum(hs * Ct[:, None, :], 0) + u * Dv[:, None]
             g_z = g_out * y * sig * (1.0 + zt * (1.0 - sig))
-            tl.store(gz_ptr + (b * dim + offs_d[:, None]) * seqlen + t[None, :],
-                     g_z.to(gz_ptr.dtype.element_ty), mask=m_dl)
+            tl.store(
+                gz_ptr + (b * dim + offs_d[:, None]) * seqlen + t[None, :], g_z.to(gz_ptr.dtype.element_ty), mask=m_dl
+            )
         if SOFTPLUS:
             g_dt = g_dt * _sigmoid(raw)
         g_dt = tl.where(m_dl, g_dt, 0.0)
@@ -293,10 +377,37 @@ class _TritonScanFn(torch.autograd.Function):
         out = torch.empty(batch, dim, seqlen, dtype=u.dtype, device=u.device)
         last = torch.empty(batch, dim, dstate, dtype=torch.float32, device=u.device)
         states = torch.empty(batch, n_chunks, dim, dstate, dtype=torch.float32, device=u.device) if need_grad else None
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     SOFTPLUS=bool(delta_softplus), BLOCK_N=triton.next_power_of_2(dstate), BLOCK_L=chunk)
-        args = (u, delta, A, B, C, D, z, delta_bias, out, states, last, dim, dstate, seqlen, n_chunks,
-                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z))
+        flags = dict(
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus),
+            BLOCK_N=triton.next_power_of_2(dstate),
+            BLOCK_L=chunk,
+        )
+        args = (
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            out,
+            states,
+            last,
+            dim,
+            dstate,
+            seqlen,
+            n_chunks,
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B.stride(),
+            *C.stride(),
+            *_strides(z),
+        )
         _launch(_scan_fwd_kernel, _fwd_tuned, batch, dim, block_d, args, dict(flags, STORE_STATES=need_grad))
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
@@ -319,10 +430,38 @@ class _TritonScanFn(torch.autograd.Function):
         g_A = torch.empty(batch, dim, dstate, **f32)  # per batch row; summed below
         g_D, g_bias = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
         g_last = None if g_last is None else g_last.contiguous()
-        args = (u, delta, A, B, C, D, z, delta_bias, states, g_out, g_last,
-                g_u, g_dt, g_A, g_B, g_C, g_D, g_z, g_bias, dim, dstate, seqlen, states.shape[1],
-                *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z),
-                *g_out.stride())
+        args = (
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            states,
+            g_out,
+            g_last,
+            g_u,
+            g_dt,
+            g_A,
+            g_B,
+            g_C,
+            g_D,
+            g_z,
+            g_bias,
+            dim,
+            dstate,
+            seqlen,
+            states.shape[1],
+            *u.stride(),
+            *delta.stride(),
+            *A.stride(),
+            *B.stride(),
+            *C.stride(),
+            *_strides(z),
+            *g_out.stride(),
+        )
         _launch(_scan_bwd_kernel, _bwd_tuned, batch, dim, block_d, args, dict(flags, HAS_GLAST=g_last is not None))
         need = ctx.needs_input_grad
         return (
@@ -341,8 +480,21 @@ class _TritonScanFn(torch.autograd.Function):
         )
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, chunk_size=None, *, block_d=None):
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    chunk_size=None,
+    *,
+    block_d=None,
+):
     """Selective scan with the semantics of mamba-ssm's ``selective_scan_fn`` (and of
     :func:`hf_vlm.ops.selective_scan`), as two Triton kernels.
 
@@ -360,8 +512,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunk_size must be a power of two >= 2, got {chunk_size}")
     if u.device.type != "cuda" and not _interpreted():
-        raise RuntimeError(f"the Triton selective scan needs CUDA tensors (got {u.device}); "
-                           "set TRITON_INTERPRET=1 before importing it to run on CPU (tests only)")
+        raise RuntimeError(
+            f"the Triton selective scan needs CUDA tensors (got {u.device}); "
+            "set TRITON_INTERPRET=1 before importing it to run on CPU (tests only)"
+        )
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, last = _TritonScanFn.apply(*tensors, bool(delta_softplus), chunk, block_d, need_grad)
     return (out, last) if return_last_state else out

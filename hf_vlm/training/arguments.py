@@ -67,15 +67,17 @@ class ModelArguments:
     qformer_init_from: str | None = _help(
         "BLIP-2 checkpoint to initialise the Q-Former bridge from (bridge_type='qformer' only).", default=None
     )
-    bridge_pooling: str = _help("MLP bridge: how patches (and slices) are pooled to the budget: avg or max.",
-                                default="avg")
+    bridge_pooling: str = _help(
+        "MLP bridge: how patches (and slices) are pooled to the budget: avg or max.", default="avg"
+    )
     slice_position_embedding: bool = _help(
         "Studies: add a learned embedding of each slice's relative z to its patch features (hf_vlm.modeling_study).",
         default=False,
     )
     study_depth_tokens: int = _help(
         "Studies, mlp bridge: z bins of the 3-D pooling (max_visual_tokens / this many in-plane tokens per bin); "
-        "1 = 2-D pooling.", default=1,
+        "1 = 2-D pooling.",
+        default=1,
     )
 
     def __post_init__(self):
@@ -109,8 +111,9 @@ class DataArguments:
         "Total token budget per row (visual + prompt + answer). Answers are truncated (counted), never the prompt.",
         default=None,
     )
-    max_slices: int = _help("Slices per study (each slice is one image of max_visual_tokens tokens).",
-                            default=DEFAULT_MAX_SLICES)
+    max_slices: int = _help(
+        "Slices per study (each slice is one image of max_visual_tokens tokens).", default=DEFAULT_MAX_SLICES
+    )
     eval_samples: int = _help("Fixed eval subset size used for generation metrics and sample reports.", default=32)
     validate_images: str = _help(
         f"Check every image of train_file and eval_file before step 0: one of {IMAGE_CHECKS} ('header' opens "
@@ -121,19 +124,22 @@ class DataArguments:
     studies: bool = _help(
         "Each CSV row is ONE CT study (NIfTI, DICOM series folder, slices): its slices are encoded together into "
         "max_visual_tokens tokens, loaded with the study_* settings below, which are saved in the processor "
-        "and applied by generate/serve/eval and the feature cache (hf_vlm.data.study_settings).", default=False,
+        "and applied by generate/serve/eval and the feature cache (hf_vlm.data.study_settings).",
+        default=False,
     )
     study_windows: list[str] = _help(
         "Studies: CT windows, one per channel or one repeated (lung, mediastinum, bone or 'W1500/L-600').",
         default_factory=lambda: ["lung"],
     )
     study_num_slices: int = _help("Studies: slices taken by slice_sampling 'uniform'.", default=32)
-    study_slice_sampling: str = _help("Studies: uniform, all, stride or middle (the old one-slice loader).",
-                                      default="uniform")
+    study_slice_sampling: str = _help(
+        "Studies: uniform, all, stride or middle (the old one-slice loader).", default="uniform"
+    )
     study_slice_stride: int = _help("Studies: step of slice_sampling 'stride'.", default=2)
     study_extent: str = _help("Studies: z range sampled: body, lung or full.", default="body")
     study_target_spacing: list[float] | None = _help(
-        "Studies: resample to (x, y, z) mm first (None keeps the header's spacing).", default=None)
+        "Studies: resample to (x, y, z) mm first (None keeps the header's spacing).", default=None
+    )
     study_crop: str = _help("Studies: body (crop each slice to the body) or none.", default="body")
     study_image_size: int | None = _help(
         "Studies: slices padded to a square and resized to this many pixels (None: the image processor resizes).",
@@ -152,10 +158,15 @@ class DataArguments:
         from ..data.study_settings import StudyPreprocessing
 
         return StudyPreprocessing(
-            windows=tuple(self.study_windows), slice_sampling=self.study_slice_sampling,
-            num_slices=self.study_num_slices, slice_stride=self.study_slice_stride, extent=self.study_extent,
+            windows=tuple(self.study_windows),
+            slice_sampling=self.study_slice_sampling,
+            num_slices=self.study_num_slices,
+            slice_stride=self.study_slice_stride,
+            extent=self.study_extent,
             target_spacing=tuple(self.study_target_spacing) if self.study_target_spacing else None,
-            crop=self.study_crop, image_size=self.study_image_size)
+            crop=self.study_crop,
+            image_size=self.study_image_size,
+        )
 
     @property
     def path_map_spec(self) -> str | None:
@@ -172,8 +183,10 @@ class DataArguments:
         if self.validate_images not in IMAGE_CHECKS:
             raise ValueError(f"validate_images must be one of {IMAGE_CHECKS}, got {self.validate_images!r}")
         if self.studies and self.max_slices != DEFAULT_MAX_SLICES:
-            raise ValueError(f"max_slices={self.max_slices} is the 2-D loader's setting; with studies: true set "
-                             "study_num_slices (and study_slice_sampling) instead")
+            raise ValueError(
+                f"max_slices={self.max_slices} is the 2-D loader's setting; with studies: true set "
+                "study_num_slices (and study_slice_sampling) instead"
+            )
         self.study_preprocessing()  # the settings are checked now, not at the first row
         from ..data.images import parse_path_map
 
@@ -274,8 +287,7 @@ class MambaVLMTrainingArguments(TrainingArguments):
         default=0.25,
     )
     freeze_check_steps: int = _help(
-        "After this many optimizer steps, check frozen weights are bit-identical and trainable ones moved "
-        "(0 = off).",
+        "After this many optimizer steps, check frozen weights are bit-identical and trainable ones moved (0 = off).",
         default=2,
     )
     vision_probe: bool = _help(
@@ -334,8 +346,10 @@ class MambaVLMTrainingArguments(TrainingArguments):
             if target not in KNOWN_LORA_TARGETS:
                 mamba = FAMILIES["mamba"]
                 reason = f" ({mamba.lora_refused_targets[target]})" if target in mamba.lora_refused_targets else ""
-                raise ValueError(f"lora_target_modules: {target!r} is not a safe target for any supported "
-                                 f"language model{reason}; known: {KNOWN_LORA_TARGETS}")
+                raise ValueError(
+                    f"lora_target_modules: {target!r} is not a safe target for any supported "
+                    f"language model{reason}; known: {KNOWN_LORA_TARGETS}"
+                )
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:

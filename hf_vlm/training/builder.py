@@ -76,7 +76,9 @@ def build_processor(model_args):
     from ..processing_mamba_vlm import MambaVLMProcessor
 
     use_init = model_args.init_from and not model_args.from_scratch
-    source = model_args.processor_name_or_path or (model_args.init_from if _has_processor(model_args.init_from) else None)
+    source = model_args.processor_name_or_path or (
+        model_args.init_from if _has_processor(model_args.init_from) else None
+    )
     if source:
         processor = MambaVLMProcessor.from_pretrained(source)
     elif model_args.language_model_name_or_path and model_args.vision_model_name_or_path:
@@ -107,12 +109,16 @@ def apply_study_settings(processor, data_args, source: str | None = None):
     if have is not None and wanted is not None and have != wanted:
         mine, theirs = wanted.to_dict(), have.to_dict()
         diff = ", ".join(f"{k}: recipe {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k))
-        raise ValueError(f"the study settings of {source or 'the saved processor'} differ from the recipe's ({diff}); "
-                         "a model must keep the preprocessing it was trained with: set the recipe's study_* keys "
-                         "to the checkpoint's values")
+        raise ValueError(
+            f"the study settings of {source or 'the saved processor'} differ from the recipe's ({diff}); "
+            "a model must keep the preprocessing it was trained with: set the recipe's study_* keys "
+            "to the checkpoint's values"
+        )
     if have is not None and wanted is None and not data_args.studies:
-        raise ValueError(f"{source or 'the saved processor'} was trained on studies ({have.num_slices} slices, "
-                         f"{have.slice_sampling}); set studies: true with its study_* settings in the recipe")
+        raise ValueError(
+            f"{source or 'the saved processor'} was trained on studies ({have.num_slices} slices, "
+            f"{have.slice_sampling}); set studies: true with its study_* settings in the recipe"
+        )
     if wanted is not None:
         processor.study_settings = wanted
     return processor
@@ -149,7 +155,8 @@ def build_model(model_args, processor):
     if model_args.init_from and not model_args.from_scratch:
         logger.info("Model: init_from %s", model_args.init_from)
         model = load_vlm_checkpoint(
-            model_args.init_from, vision_model_name_or_path=model_args.vision_model_name_or_path,
+            model_args.init_from,
+            vision_model_name_or_path=model_args.vision_model_name_or_path,
             quantization_config=quant,
         )
         if model.config.max_visual_tokens != model_args.max_visual_tokens:
@@ -162,11 +169,17 @@ def build_model(model_args, processor):
     if model_args.init_from:
         logger.info("from_scratch: the bridge weights of init_from=%s are NOT used", model_args.init_from)
     if components:
-        logger.info("Model: vision %s + LLM %s + fresh %s bridge", model_args.vision_model_name_or_path,
-                    model_args.language_model_name_or_path, model_args.bridge_type)
+        logger.info(
+            "Model: vision %s + LLM %s + fresh %s bridge",
+            model_args.vision_model_name_or_path,
+            model_args.language_model_name_or_path,
+            model_args.bridge_type,
+        )
         return MambaVLMForConditionalGeneration.from_components(
-            model_args.vision_model_name_or_path, model_args.language_model_name_or_path,
-            llm_quantization_config=quant, **_bridge_kwargs(model_args, processor),
+            model_args.vision_model_name_or_path,
+            model_args.language_model_name_or_path,
+            llm_quantization_config=quant,
+            **_bridge_kwargs(model_args, processor),
         )
     if model_args.tiny_preset:
         from ..configuration_mamba_vlm import MambaVLMConfig
@@ -219,5 +232,11 @@ def build_collator(data_args, processor):
     )
 
 
-__all__ = ["apply_study_settings", "build_collator", "build_datasets", "build_model", "build_processor",
-           "prepare_synthetic_assets"]
+__all__ = [
+    "apply_study_settings",
+    "build_collator",
+    "build_datasets",
+    "build_model",
+    "build_processor",
+    "prepare_synthetic_assets",
+]

@@ -28,10 +28,16 @@ def default_callbacks(args) -> list:
         collapse,
         TrainVisionProbe(args.vision_probe_steps),
         TrainingHealth(
-            args.guard_action, collapse, min_gap=args.vision_gap_min, min_gap_relative=args.vision_gap_min_relative,
-            low_loss=args.suspicious_loss, low_patience=args.suspicious_loss_patience,
-            window_fraction=args.plateau_window_fraction, min_improvement=args.plateau_min_improvement,
-            collapse_fraction=args.collapse_gap_fraction, band=args.healthy_loss_band,
+            args.guard_action,
+            collapse,
+            min_gap=args.vision_gap_min,
+            min_gap_relative=args.vision_gap_min_relative,
+            low_loss=args.suspicious_loss,
+            low_patience=args.suspicious_loss_patience,
+            window_fraction=args.plateau_window_fraction,
+            min_improvement=args.plateau_min_improvement,
+            collapse_fraction=args.collapse_gap_fraction,
+            band=args.healthy_loss_band,
         ),
     ]
     if args.vision_probe:

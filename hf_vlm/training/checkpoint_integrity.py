@@ -45,8 +45,11 @@ def nonfinite_parameters(model, limit: int = 5) -> list[str]:
     other process found the problem (the list may then be empty, but the check still fails:
     the result is `["(on another process)"]`).
     """
-    bad = [name for name, p in model.named_parameters()
-           if p.is_floating_point() and _local(p).numel() and not bool(torch.isfinite(_local(p).detach()).all())]
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and _local(p).numel() and not bool(torch.isfinite(_local(p).detach()).all())
+    ]
     if any_rank(bool(bad)):
         return bad[:limit] or ["(on another process)"]
     return []
@@ -130,8 +133,7 @@ def checkpoint_problems(path: str) -> list[str]:
     if not os.path.isfile(marker):
         sizes = _file_sizes(path)
         found = _structural_problems(path, sizes)
-        return [f"no {COMPLETE_MARKER}: the save was interrupted"
-                + (f" ({'; '.join(found)})" if found else "")]
+        return [f"no {COMPLETE_MARKER}: the save was interrupted" + (f" ({'; '.join(found)})" if found else "")]
     with open(marker, encoding="utf-8") as handle:
         recorded = json.load(handle).get("files", {})
     sizes = _file_sizes(path)
@@ -194,6 +196,14 @@ def rotate_complete(output_dir: str, limit: int | None, keep: str | None = None)
 
 
 __all__ = [
-    "COMPLETE_MARKER", "REJECTED_MARKER", "checkpoint_dirs", "checkpoint_problems", "clear_incomplete",
-    "mark_complete", "newest_complete", "nonfinite_parameters", "reject", "rotate_complete",
+    "COMPLETE_MARKER",
+    "REJECTED_MARKER",
+    "checkpoint_dirs",
+    "checkpoint_problems",
+    "clear_incomplete",
+    "mark_complete",
+    "newest_complete",
+    "nonfinite_parameters",
+    "reject",
+    "rotate_complete",
 ]

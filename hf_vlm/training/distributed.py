@@ -35,8 +35,9 @@ def enable_fsdp2_on_cpu(accelerator, training_args) -> bool:
     if not getattr(training_args, "use_cpu", False):
         return False
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not fsdp2_requested():
-        raise ValueError("FSDP version 1 does not run on the CPU: use fsdp_version: 2 "
-                         "(accelerate_configs/fsdp_cpu_2proc.yaml)")
+        raise ValueError(
+            "FSDP version 1 does not run on the CPU: use fsdp_version: 2 (accelerate_configs/fsdp_cpu_2proc.yaml)"
+        )
     if not fsdp2_requested():
         return False
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin

@@ -74,8 +74,9 @@ def _wrap_lora(model: nn.Module, args) -> None:
         return  # idempotent: the recipe may have applied the policy before building the trainer
     # the family's safe list, and the reason for a refused target (hf_vlm.backbones)
     targets = get_family(model.language_model).validate_lora_targets(args.lora_target_modules)
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets)
+    config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets
+    )
     model.language_model = get_peft_model(model.language_model, config)
 
 
@@ -94,11 +95,10 @@ def apply_freeze_policy(model: nn.Module, args) -> nn.Module:
         if param.is_floating_point() or param.is_complex():
             param.requires_grad_(intended_trainable(name, args, n_layers))
     checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
-    if checkpointing and not _input_embeddings_trainable(model):
-        # With a frozen embedding table the checkpointed blocks would see inputs that do not
-        # require grad, and reentrant checkpointing would silently drop every gradient upstream.
-        if getattr(model, "_require_grads_hook", None) is None:
-            model.enable_input_require_grads()
+    # With a frozen embedding table the checkpointed blocks would see inputs that do not
+    # require grad, and reentrant checkpointing would silently drop every gradient upstream.
+    if checkpointing and not _input_embeddings_trainable(model) and getattr(model, "_require_grads_hook", None) is None:
+        model.enable_input_require_grads()
     model._hf_vlm_freeze_policy = policy_key(args)
     return model
 

@@ -101,7 +101,7 @@ def lora_partner(name: str) -> str | None:
     if match is None:
         return None
     swapped = (match.group(1) or "") + ("B" if match.group(2) == "A" else "A")
-    return name[:match.start()] + swapped + name[match.end():]
+    return name[: match.start()] + swapped + name[match.end() :]
 
 
 class FreezeGuard(Guard):
@@ -163,8 +163,11 @@ class FreezeGuard(Guard):
             return
         params = dict(model.named_parameters())
         changed = [n for n, fp in self._frozen.items() if n in params and not _same(fp, _fingerprint(params[n]))]
-        stuck = [n for n, fp in self._trainable.items() if n in params and _same(fp, _fingerprint(params[n]))
-                 and local_tensor(params[n]).numel()]
+        stuck = [
+            n
+            for n, fp in self._trainable.items()
+            if n in params and _same(fp, _fingerprint(params[n])) and local_tensor(params[n]).numel()
+        ]
         held = [n for n in self._trainable if n in params and local_tensor(params[n]).numel()]
         # under FSDP each rank holds shards: a tensor changed if it changed anywhere, is stuck if stuck everywhere
         ranks_changed, ranks_stuck, ranks_held = gather_names(changed), gather_names(stuck), gather_names(held)
@@ -194,7 +197,10 @@ class FreezeGuard(Guard):
         elif stuck:
             logger.warning(
                 "[hf_vlm %s] %d trainable tensor(s) did not move in %d steps (unused by the forward?): %s",
-                self.name, len(stuck), state.global_step, _name_list(stuck),
+                self.name,
+                len(stuck),
+                state.global_step,
+                _name_list(stuck),
             )
 
 
@@ -300,8 +306,11 @@ class CollapseGuard(Guard):
             local_bad = not bool(torch.isfinite(norms).all())
         # every rank stops at the same step, or the next collective deadlocks (a NaN may sit in one shard)
         if any_rank(local_bad or self._pending_nonfinite) and not self._pending_nonfinite:
-            self._nonfinite(state, control, "the gradient is NaN/Inf" if local_bad else
-                            "the loss or gradient is NaN/Inf on another process")
+            self._nonfinite(
+                state,
+                control,
+                "the gradient is NaN/Inf" if local_bad else "the loss or gradient is NaN/Inf on another process",
+            )
         if self._pending_nonfinite and optimizer is not None:
             optimizer.zero_grad(set_to_none=True)  # params without grad are skipped by the step
 

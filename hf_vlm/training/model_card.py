@@ -36,8 +36,16 @@ def write_history(output_dir: str, stages: list[dict]) -> str:
     return file
 
 
-def stage_record(model_args, data_args, training_args, info: dict, data_rows: dict, metrics: dict,
-                 global_step: int, trainable: list[dict] | None = None) -> dict:
+def stage_record(
+    model_args,
+    data_args,
+    training_args,
+    info: dict,
+    data_rows: dict,
+    metrics: dict,
+    global_step: int,
+    trainable: list[dict] | None = None,
+) -> dict:
     """One entry of the stage history: enough to re-run it and to judge its result."""
     return {
         "stage": training_args.stage,
@@ -69,71 +77,135 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and name.count("/") == 1 and ":" not in name
 
 
-def render_model_card(stages: list[dict], recipe: dict, overrides: dict, *, version: str,
-                      model_name: str = "model", guard_trips: list[str] | None = None,
-                      health: list | None = None) -> str:
+def render_model_card(
+    stages: list[dict],
+    recipe: dict,
+    overrides: dict,
+    *,
+    version: str,
+    model_name: str = "model",
+    guard_trips: list[str] | None = None,
+    health: list | None = None,
+) -> str:
     """Markdown with Hub metadata. `stages[-1]` is the stage that produced this checkpoint."""
     import yaml
 
     last = stages[-1]
     bases = [m for m in (last.get("vision_model"), last.get("language_model")) if _is_hub_id(m)]
-    header = {"library_name": "hf_vlm", "language": ["zh"], "pipeline_tag": "image-to-text",
-              "tags": ["hf_vlm", "mamba", "vision-language", "radiology", f"stage-{last['stage']}"]}
+    header = {
+        "library_name": "hf_vlm",
+        "language": ["zh"],
+        "pipeline_tag": "image-to-text",
+        "tags": ["hf_vlm", "mamba", "vision-language", "radiology", f"stage-{last['stage']}"],
+    }
     if bases:
         header["base_model"] = bases
-    lines = ["---", yaml.safe_dump(header, allow_unicode=True, sort_keys=False).strip(), "---", "",
-             f"# {model_name}", "",
-             "A vision-language model: vision tower -> trainable bridge -> `MambaForCausalLM`, trained with "
-             f"hf_vlm {version} to write Chinese radiology reports from CT images.", "",
-             "## Components", "", "| part | source |", "|---|---|",
-             f"| vision tower | `{last.get('vision_model') or 'from init_from'}` |",
-             f"| language model | `{last.get('language_model') or 'from init_from'}`"
-             f"{' (8-bit)' if last.get('llm_8bit') else ''} |",
-             f"| visual tokens per image | {last.get('max_visual_tokens')} |", "",
-             "## Training stages", "", "| # | stage | recipe | steps | processes | init | finished |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "---",
+        yaml.safe_dump(header, allow_unicode=True, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {model_name}",
+        "",
+        "A vision-language model: vision tower -> trainable bridge -> `MambaForCausalLM`, trained with "
+        f"hf_vlm {version} to write Chinese radiology reports from CT images.",
+        "",
+        "## Components",
+        "",
+        "| part | source |",
+        "|---|---|",
+        f"| vision tower | `{last.get('vision_model') or 'from init_from'}` |",
+        f"| language model | `{last.get('language_model') or 'from init_from'}`"
+        f"{' (8-bit)' if last.get('llm_8bit') else ''} |",
+        f"| visual tokens per image | {last.get('max_visual_tokens')} |",
+        "",
+        "## Training stages",
+        "",
+        "| # | stage | recipe | steps | processes | init | finished |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, s in enumerate(stages, 1):
         init = "from scratch" if s.get("from_scratch") else (s.get("init_from") or "components")
-        lines.append(f"| {i} | {s['stage']} | `{s.get('recipe') or '-'}` | {s.get('global_step')} | "
-                     f"{s.get('world_size', 1)} | {init} | {s.get('finished', '')} |")
+        lines.append(
+            f"| {i} | {s['stage']} | `{s.get('recipe') or '-'}` | {s.get('global_step')} | "
+            f"{s.get('world_size', 1)} | {init} | {s.get('finished', '')} |"
+        )
     lines += ["", "## Data", "", "| file | rows |", "|---|---|"]
     lines += [f"| `{name}` | {rows} |" for name, rows in last.get("data", {}).items()]
     if last.get("trainable"):
-        lines += ["", "## Trainable parameters (last stage)", "", "| component | status | trainable | frozen |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['component']} | {r['status']} | {r['trainable']:,} | {r['frozen']:,} |"
-                  for r in last["trainable"]]
+        lines += [
+            "",
+            "## Trainable parameters (last stage)",
+            "",
+            "| component | status | trainable | frozen |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['component']} | {r['status']} | {r['trainable']:,} | {r['frozen']:,} |" for r in last["trainable"]
+        ]
     lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(last.get("metrics", {}).items())]
     if health:
         from .verdict import format_health_table
 
-        lines += ["", "## Training health", "", "Judged by the image dependence of the loss (train_vision_gap) and "
-                  "its trend; the loss bands are context only.", "", format_health_table(health, markdown=True)]
+        lines += [
+            "",
+            "## Training health",
+            "",
+            "Judged by the image dependence of the loss (train_vision_gap) and "
+            "its trend; the loss bands are context only.",
+            "",
+            format_health_table(health, markdown=True),
+        ]
     if guard_trips:
         lines += ["", "## Guard reports", ""] + [f"- {t}" for t in guard_trips]
     effective = {**recipe, **overrides}
-    lines += ["", "## Recipe (with overrides applied)", "", "```yaml",
-              yaml.safe_dump(effective, allow_unicode=True, sort_keys=False).strip(), "```", "",
-              "## Usage", "", "```python", "import hf_vlm  # registers the model with the Auto classes",
-              "from transformers import AutoModelForImageTextToText, AutoProcessor", "",
-              "model = AutoModelForImageTextToText.from_pretrained(path)  # re-attaches a tower left out",
-              "processor = AutoProcessor.from_pretrained(path)", "```", ""]
+    lines += [
+        "",
+        "## Recipe (with overrides applied)",
+        "",
+        "```yaml",
+        yaml.safe_dump(effective, allow_unicode=True, sort_keys=False).strip(),
+        "```",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import hf_vlm  # registers the model with the Auto classes",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        "model = AutoModelForImageTextToText.from_pretrained(path)  # re-attaches a tower left out",
+        "processor = AutoProcessor.from_pretrained(path)",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_model_card(output_dir: str, stages: list[dict], recipe: dict, overrides: dict, *,
-                     guard_trips: list[str] | None = None, health: list | None = None) -> str:
+def write_model_card(
+    output_dir: str,
+    stages: list[dict],
+    recipe: dict,
+    overrides: dict,
+    *,
+    guard_trips: list[str] | None = None,
+    health: list | None = None,
+) -> str:
     from .. import __version__
 
-    text = render_model_card(stages, recipe, overrides, version=__version__,
-                             model_name=os.path.basename(os.path.normpath(output_dir)), guard_trips=guard_trips,
-                             health=health)
+    text = render_model_card(
+        stages,
+        recipe,
+        overrides,
+        version=__version__,
+        model_name=os.path.basename(os.path.normpath(output_dir)),
+        guard_trips=guard_trips,
+        health=health,
+    )
     file = os.path.join(output_dir, "README.md")
     with open(file, "w", encoding="utf-8") as handle:
         handle.write(text)
     return file
 
 
-__all__ = ["load_history", "render_model_card", "stage_record", "write_history",
-           "write_model_card"]
+__all__ = ["load_history", "render_model_card", "stage_record", "write_history", "write_model_card"]

@@ -22,8 +22,20 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CSV_LOG = "train_log.csv"
 LEADING_COLUMNS = (
-    "step", "epoch", "loss", "caption_loss", "learning_rate", "grad_norm", "visual_std", "visual_norm",
-    "supervised_fraction", "health", "train_vision_gap", "train_vision_gap_rel", "eval_loss", "eval_vision_gap",
+    "step",
+    "epoch",
+    "loss",
+    "caption_loss",
+    "learning_rate",
+    "grad_norm",
+    "visual_std",
+    "visual_norm",
+    "supervised_fraction",
+    "health",
+    "train_vision_gap",
+    "train_vision_gap_rel",
+    "eval_loss",
+    "eval_vision_gap",
 )
 
 
@@ -94,8 +106,9 @@ def plot_loss_curve(
     with open(csv_path, encoding="utf-8", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r.get("step")]
     start_low, start_high, target_low, target_high = band
-    fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=100, sharex=True,
-                                     gridspec_kw={"height_ratios": (2, 1)})
+    fig, (ax, gap_ax) = plt.subplots(
+        2, 1, figsize=(9, 6.5), dpi=100, sharex=True, gridspec_kw={"height_ratios": (2, 1)}
+    )
     ax.axhspan(start_low, start_high, color="tab:orange", alpha=0.12, label=f"start band {start_low:g}-{start_high:g}")
     ax.axhspan(target_low, target_high, color="tab:green", alpha=0.2, label=f"target {target_low:g}-{target_high:g}")
     ax.axhspan(suspicious / 100, suspicious, color="tab:red", alpha=0.12, label=f"< {suspicious:g}: leak if no gap")
@@ -117,8 +130,10 @@ def plot_loss_curve(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # never over the curve
     gap_ax.axhline(0.0, color="black", linewidth=0.8)
-    for key, color, label in (("train_vision_gap", "tab:cyan", "train vision gap"),
-                              ("eval_vision_gap", "tab:purple", "eval vision gap")):
+    for key, color, label in (
+        ("train_vision_gap", "tab:cyan", "train vision gap"),
+        ("eval_vision_gap", "tab:purple", "eval vision gap"),
+    ):
         gap_steps, gaps = _floats(rows, key)
         if gap_steps:
             gap_ax.plot(gap_steps, gaps, color=color, marker="o", markersize=3, label=label)

@@ -31,8 +31,10 @@ class SyntheticDataArguments:
 
     synthetic_data: bool = field(
         default=False,
-        metadata={"help": "Generate synthetic CT slices + Chinese reports, a tokenizer and tiny pretrained "
-                          "parts (needs tiny_preset); they fill train_file/eval_file and the model paths."},
+        metadata={
+            "help": "Generate synthetic CT slices + Chinese reports, a tokenizer and tiny pretrained "
+            "parts (needs tiny_preset); they fill train_file/eval_file and the model paths."
+        },
     )
     synthetic_train_rows: int = field(default=800, metadata={"help": "Synthetic training studies."})
     synthetic_eval_rows: int = field(default=100, metadata={"help": "Synthetic held-out studies."})
@@ -41,8 +43,10 @@ class SyntheticDataArguments:
     )
     synthetic_studies: bool = field(
         default=False,
-        metadata={"help": "Synthetic CT studies (NIfTI volumes, nodule rarely on the middle slice) instead of "
-                          "2-D slices; use with studies: true (recipes/tiny_demo_3d.yaml)."},
+        metadata={
+            "help": "Synthetic CT studies (NIfTI volumes, nodule rarely on the middle slice) instead of "
+            "2-D slices; use with studies: true (recipes/tiny_demo_3d.yaml)."
+        },
     )
     synthetic_dir: str | None = field(
         default=None,

@@ -43,8 +43,10 @@ def select_eval_rows(dataset, num_rows: int = 32, seed: int = 0) -> list[dict]:
     is scored at every evaluation, so the numbers are comparable across steps.
     """
     indices = sorted(random.Random(seed).sample(range(len(dataset)), min(num_rows, len(dataset))))
-    return [{"images": r["images"], "prompt": r.get("prompt") or None, "caption": r["caption"]}
-            for r in (dataset[i] for i in indices)]
+    return [
+        {"images": r["images"], "prompt": r.get("prompt") or None, "caption": r["caption"]}
+        for r in (dataset[i] for i in indices)
+    ]
 
 
 def _combined_key(metric: str, tie_break: str) -> str:
@@ -65,10 +67,18 @@ class ReportEvalCallback(TrainerCallback):
         metric_kwargs: passed to `compute_report_metrics` (granularity, findings_table …).
     """
 
-    def __init__(self, eval_rows: Sequence[dict], processor, num_samples_to_log: int = 4,
-                 generate_kwargs: dict | None = None, metric_for_best: str = "findings_f1",
-                 tie_break: str = "cider_d", tie_break_weight: float = 1e-3, batch_size: int = 8,
-                 metric_kwargs: dict | None = None):
+    def __init__(
+        self,
+        eval_rows: Sequence[dict],
+        processor,
+        num_samples_to_log: int = 4,
+        generate_kwargs: dict | None = None,
+        metric_for_best: str = "findings_f1",
+        tie_break: str = "cider_d",
+        tie_break_weight: float = 1e-3,
+        batch_size: int = 8,
+        metric_kwargs: dict | None = None,
+    ):
         if not eval_rows:
             raise ValueError("ReportEvalCallback needs at least one eval row")
         for i, row in enumerate(eval_rows):
@@ -88,18 +98,27 @@ class ReportEvalCallback(TrainerCallback):
     def generate(self, model) -> list[str]:
         from ..inference import generate_reports
 
-        return generate_reports(model, self.processor, [r["images"] for r in self.eval_rows],
-                                [r.get("prompt") or None for r in self.eval_rows], batch_size=self.batch_size,
-                                **self.generate_kwargs)
+        return generate_reports(
+            model,
+            self.processor,
+            [r["images"] for r in self.eval_rows],
+            [r.get("prompt") or None for r in self.eval_rows],
+            batch_size=self.batch_size,
+            **self.generate_kwargs,
+        )
 
     def score(self, reports: list[str]) -> dict[str, float]:
         """`eval_`-prefixed numeric report metrics plus the combined best-model key."""
         raw = compute_report_metrics(reports, [r["caption"] for r in self.eval_rows], **self.metric_kwargs)
-        scores = {f"eval_{k}": float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scores = {
+            f"eval_{k}": float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         best, tie = scores.get(f"eval_{self.metric_for_best}"), scores.get(f"eval_{self.tie_break}")
         if best is None or tie is None:
-            raise KeyError(f"metric_for_best={self.metric_for_best!r} / tie_break={self.tie_break!r} are not report "
-                           f"metrics; choose from {sorted(k[5:] for k in scores)}")
+            raise KeyError(
+                f"metric_for_best={self.metric_for_best!r} / tie_break={self.tie_break!r} are not report "
+                f"metrics; choose from {sorted(k[5:] for k in scores)}"
+            )
         scores[self.combined_key] = best + self.tie_break_weight * tie
         return scores
 
@@ -110,8 +129,11 @@ class ReportEvalCallback(TrainerCallback):
         self.last_reports = reports
         scores = self.score(reports)
         metrics.update(scores)  # in place: the Trainer picks the best checkpoint from this dict
-        if state.log_history and state.log_history[-1].get("step") == state.global_step \
-                and any(k.startswith("eval_") for k in state.log_history[-1]):
+        if (
+            state.log_history
+            and state.log_history[-1].get("step") == state.global_step
+            and any(k.startswith("eval_") for k in state.log_history[-1])
+        ):
             state.log_history[-1].update(scores)  # the eval entry was logged before on_evaluate ran
         if state.is_world_process_zero:
             self._report(args, state, reports, scores)
@@ -119,8 +141,13 @@ class ReportEvalCallback(TrainerCallback):
 
     def _report(self, args, state, reports: list[str], scores: dict[str, float]) -> None:
         step = state.global_step
-        logger.info("Step %d report metrics: %s", step, ", ".join(
-            f"{k[5:]}={v:.4f}" for k, v in scores.items() if not math.isnan(v) and not k.endswith("n_reports")))
+        logger.info(
+            "Step %d report metrics: %s",
+            step,
+            ", ".join(
+                f"{k[5:]}={v:.4f}" for k, v in scores.items() if not math.isnan(v) and not k.endswith("n_reports")
+            ),
+        )
         for report, row in list(zip(reports, self.eval_rows))[: self.num_samples_to_log]:
             logger.info("  generated: %s\n  reference: %s", report or "(empty)", row["caption"])
         if args.output_dir:
@@ -128,9 +155,19 @@ class ReportEvalCallback(TrainerCallback):
             path = os.path.join(args.output_dir, f"samples_step_{step}.jsonl")
             with open(path, "w", encoding="utf-8") as handle:
                 for report, row in zip(reports, self.eval_rows):
-                    handle.write(json.dumps({"step": step, "prompt": row.get("prompt"), "generated": report,
-                                             "reference": row["caption"], "repetition": round(text_repetition(report), 4)},
-                                            ensure_ascii=False) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "prompt": row.get("prompt"),
+                                "generated": report,
+                                "reference": row["caption"],
+                                "repetition": round(text_repetition(report), 4),
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
         flagged = int(scores.get("eval_repetition_flagged", 0))
         if flagged:
             example = max(reports, key=text_repetition)
@@ -138,7 +175,12 @@ class ReportEvalCallback(TrainerCallback):
                 "Step %d: %d of %d generated reports look like loops (seq-rep-4 >= %.1f), e.g. %r. The model has not "
                 "learned to stop or repeats phrases: check that the answer's EOS is supervised, train longer, or "
                 "generate with repetition_penalty=1.2 / no_repeat_ngram_size=4.",
-                step, flagged, len(reports), DEFAULT_THRESHOLD, example[:60])
+                step,
+                flagged,
+                len(reports),
+                DEFAULT_THRESHOLD,
+                example[:60],
+            )
 
 
 def make_compute_metrics(tokenizer, ignore_index: int = IGNORE_INDEX, **metric_kwargs):

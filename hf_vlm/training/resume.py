@@ -30,11 +30,29 @@ RESUME_TRUE = ("true", "last", "auto", "yes")
 RESUME_FALSE = ("", "false", "no", "none")
 # what decides what the weights of a checkpoint mean: resuming with another value mixes two runs
 RESUME_CRITICAL = {
-    "model": ("tiny_preset", "bridge_type", "max_visual_tokens", "vision_feature_layer", "vision_model_name_or_path",
-              "language_model_name_or_path", "init_from", "from_scratch", "llm_8bit", "llm_4bit"),
+    "model": (
+        "tiny_preset",
+        "bridge_type",
+        "max_visual_tokens",
+        "vision_feature_layer",
+        "vision_model_name_or_path",
+        "language_model_name_or_path",
+        "init_from",
+        "from_scratch",
+        "llm_8bit",
+        "llm_4bit",
+    ),
     "data": ("train_file", "max_length", "max_slices"),
-    "training": ("stage", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "unfreeze_vision_tower",
-                 "unfreeze_llm_layers", "seed"),
+    "training": (
+        "stage",
+        "use_lora",
+        "lora_r",
+        "lora_alpha",
+        "lora_target_modules",
+        "unfreeze_vision_tower",
+        "unfreeze_llm_layers",
+        "seed",
+    ),
 }
 
 
@@ -69,8 +87,11 @@ def check_output_dir(training_args, synthetic_dir: str | None = None) -> None:
         old = checkpoint_dirs(output_dir)
         for _step, path in old:
             shutil.rmtree(path, ignore_errors=True)
-        logger.warning("overwrite_output_dir: writing over the previous run in %s (%d old checkpoint(s) removed)",
-                       output_dir, len(old))
+        logger.warning(
+            "overwrite_output_dir: writing over the previous run in %s (%d old checkpoint(s) removed)",
+            output_dir,
+            len(old),
+        )
         return
     shown = ", ".join(entries[:6]) + (f" (+{len(entries) - 6} more)" if len(entries) > 6 else "")
     raise ValueError(
@@ -90,8 +111,11 @@ def resolve_resume(training_args) -> str | None:
         for bad, problems in skipped:
             logger.warning("Not resuming from %s: %s", bad, "; ".join(problems))
         if path is None:
-            logger.warning("resume_from_checkpoint=%s but %s has no complete checkpoint-N: starting fresh", value,
-                           training_args.output_dir)
+            logger.warning(
+                "resume_from_checkpoint=%s but %s has no complete checkpoint-N: starting fresh",
+                value,
+                training_args.output_dir,
+            )
         else:
             logger.info("Resuming from %s (the newest complete checkpoint)", path)
         return path
@@ -99,8 +123,10 @@ def resolve_resume(training_args) -> str | None:
         raise FileNotFoundError(f"resume_from_checkpoint={value!r} is not a directory")
     problems = checkpoint_problems(value)
     if problems:
-        raise ValueError(f"resume_from_checkpoint={value!r} is not a complete checkpoint: {'; '.join(problems)}. "
-                         "Pass --resume_from_checkpoint last to take the newest complete one.")
+        raise ValueError(
+            f"resume_from_checkpoint={value!r} is not a complete checkpoint: {'; '.join(problems)}. "
+            "Pass --resume_from_checkpoint last to take the newest complete one."
+        )
     return value
 
 
@@ -119,14 +145,22 @@ def check_resume_compatible(path: str, settings: dict, max_steps: int) -> None:
         with open(state_file, encoding="utf-8") as handle:
             step = int(json.load(handle).get("global_step", 0))
         if step > max_steps:
-            problems.append(f"the checkpoint is at step {step} but this run has max_steps={max_steps}: "
-                            "it belongs to a longer run")
+            problems.append(
+                f"the checkpoint is at step {step} but this run has max_steps={max_steps}: it belongs to a longer run"
+            )
     if problems:
-        raise ValueError(f"Cannot resume from {path}: it was written by a run with other settings. "
-                         + "; ".join(problems) + ". Use another output_dir, or the settings of that run.")
+        raise ValueError(
+            f"Cannot resume from {path}: it was written by a run with other settings. "
+            + "; ".join(problems)
+            + ". Use another output_dir, or the settings of that run."
+        )
 
 
 __all__ = [
-    "RESUME_CRITICAL", "check_output_dir", "check_resume_compatible", "resolve_resume", "resume_requested",
+    "RESUME_CRITICAL",
+    "check_output_dir",
+    "check_resume_compatible",
+    "resolve_resume",
+    "resume_requested",
     "resume_settings",
 ]

@@ -64,17 +64,28 @@ def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
     args = run.training_args
     result = {
         "model": trainer.model,  # in memory, already exported (plain VLM): the demo generates with it
-        "processor": run.processor, "output_dir": args.output_dir, "metrics": metrics,
-        "global_step": trainer.state.global_step, "world_size": args.world_size, "guard_trips": trainer.guard_trips,
+        "processor": run.processor,
+        "output_dir": args.output_dir,
+        "metrics": metrics,
+        "global_step": trainer.state.global_step,
+        "world_size": args.world_size,
+        "guard_trips": trainer.guard_trips,
         "best_model_checkpoint": trainer.state.best_model_checkpoint,
-        "stopped_early": trainer.state.global_step < trainer.state.max_steps, "model_card": None,
-        "nonfinite_step": trainer.nonfinite_step, "last_good_checkpoint": trainer.last_good_checkpoint(),
-        "saved": False, "evaluation_error": None,
+        "stopped_early": trainer.state.global_step < trainer.state.max_steps,
+        "model_card": None,
+        "nonfinite_step": trainer.nonfinite_step,
+        "last_good_checkpoint": trainer.last_good_checkpoint(),
+        "saved": False,
+        "evaluation_error": None,
     }
     result["health"] = health_summary(trainer)
     if trainer.nonfinite_step is not None:
-        logger.error("NaN/Inf at step %d: nothing is saved as the final model in %s; last good checkpoint: %s",
-                     trainer.nonfinite_step, args.output_dir, result["last_good_checkpoint"] or "none")
+        logger.error(
+            "NaN/Inf at step %d: nothing is saved as the final model in %s; last good checkpoint: %s",
+            trainer.nonfinite_step,
+            args.output_dir,
+            result["last_good_checkpoint"] or "none",
+        )
         return result
     exported = export(run, trainer)
     if trainer.is_world_process_zero():
@@ -87,8 +98,10 @@ def train_from_recipe(recipe, overrides=None, callbacks=None) -> dict:
         result["model_card"] = write_card(run, trainer, metrics, result["health"])
         if args.push_to_hub:
             push(run)
-    print(f"hf-vlm train: rank {args.process_index} of {args.world_size} finished at step "
-          f"{trainer.state.global_step}", flush=True)
+    print(
+        f"hf-vlm train: rank {args.process_index} of {args.world_size} finished at step {trainer.state.global_step}",
+        flush=True,
+    )
     return result
 
 
@@ -121,37 +134,59 @@ def prepare_run(recipe, overrides=None) -> PreparedRun:
     """Arguments, then processor, model, datasets (optionally from cached vision features), collator."""
     from transformers import set_seed
 
-    from .builder import (apply_study_settings, build_collator, build_datasets, build_model, build_processor,
-                          prepare_synthetic_assets)
-
     from ..data.validation import validate_dataset_images
+    from .builder import (
+        apply_study_settings,
+        build_collator,
+        build_datasets,
+        build_model,
+        build_processor,
+        prepare_synthetic_assets,
+    )
     from .resume import check_output_dir
 
     model_args, data_args, synth_args, training_args, info = parse_run_arguments(recipe, overrides)
     check_output_dir(training_args, synth_args.synthetic_dir if synth_args.synthetic_data else None)
     set_seed(training_args.seed)
     prepare_synthetic_assets(model_args, data_args, synth_args, training_args)
-    processor = apply_study_settings(build_processor(model_args), data_args,
-                                     model_args.processor_name_or_path or model_args.init_from)
+    processor = apply_study_settings(
+        build_processor(model_args), data_args, model_args.processor_name_or_path or model_args.init_from
+    )
     set_seed(training_args.seed)  # the same fresh bridge whether or not assets were just generated
     model = build_model(model_args, processor)
     if model.config.bridge_type == "qformer" and not model.config.qformer_init_from:
-        logger.warning("bridge_type qformer: a fresh Q-Former does not yet learn to see on the synthetic demo data "
-                       "(eval_vision_gap ~1e-6 after 400 steps where the MLP bridge reaches 0.9; docs/architecture.md, "
-                       "'Q-Former'). Watch train_vision_gap: the training-health verdict flags a run that is not "
-                       "learning to see. The MLP bridge is the tested choice.")
+        logger.warning(
+            "bridge_type qformer: a fresh Q-Former does not yet learn to see on the synthetic demo data "
+            "(eval_vision_gap ~1e-6 after 400 steps where the MLP bridge reaches 0.9; docs/architecture.md, "
+            "'Q-Former'). Watch train_vision_gap: the training-health verdict flags a run that is not "
+            "learning to see. The MLP bridge is the tested choice."
+        )
     train_dataset, eval_dataset, rows = build_datasets(data_args, processor)
     # every image training and evaluation will read, checked before step 0 (row_id + file named)
-    validate_dataset_images(train_dataset, data_args.train_file, mode=data_args.validate_images,
-                            progress=training_args.process_index == 0)
+    validate_dataset_images(
+        train_dataset, data_args.train_file, mode=data_args.validate_images, progress=training_args.process_index == 0
+    )
     if eval_dataset is not None:
-        validate_dataset_images(eval_dataset, data_args.eval_file, mode=data_args.validate_images,
-                                progress=training_args.process_index == 0)
+        validate_dataset_images(
+            eval_dataset, data_args.eval_file, mode=data_args.validate_images, progress=training_args.process_index == 0
+        )
     if data_args.vision_feature_cache:
-        train_dataset, eval_dataset = use_feature_cache(data_args, training_args, model, processor,
-                                                        train_dataset, eval_dataset)
-    return PreparedRun(model_args, data_args, synth_args, training_args, info, processor, model,
-                       train_dataset, eval_dataset, rows, build_collator(data_args, processor))
+        train_dataset, eval_dataset = use_feature_cache(
+            data_args, training_args, model, processor, train_dataset, eval_dataset
+        )
+    return PreparedRun(
+        model_args,
+        data_args,
+        synth_args,
+        training_args,
+        info,
+        processor,
+        model,
+        train_dataset,
+        eval_dataset,
+        rows,
+        build_collator(data_args, processor),
+    )
 
 
 def use_feature_cache(data_args, training_args, model, processor, train_dataset, eval_dataset):
@@ -193,8 +228,12 @@ def build_trainer(run: PreparedRun, callbacks=None):
     run.record_extra = extra
     info = CheckpointInfoCallback(tower_saved, source, **extra)
     trainer = MambaVLMTrainer(
-        model=run.model, args=args, train_dataset=run.train_dataset, eval_dataset=run.eval_dataset,
-        data_collator=run.collator, processing_class=run.processor,
+        model=run.model,
+        args=args,
+        train_dataset=run.train_dataset,
+        eval_dataset=run.eval_dataset,
+        data_collator=run.collator,
+        processing_class=run.processor,
         callbacks=[info, *report_eval_callbacks(run), *(callbacks or [])],
     )
     return trainer, tower_saved
@@ -209,8 +248,9 @@ def report_eval_callbacks(run: PreparedRun) -> list:
     if run.eval_dataset is None or data_args.eval_samples <= 0 or args.eval_strategy == "no":
         return []
     # the eval CSV is already loaded with its paths resolved: only swap the transform to decoded rows
-    rows = with_image_transform(run.eval_dataset, max_slices=data_args.max_slices,
-                                study_settings=run.processor.study_settings)
+    rows = with_image_transform(
+        run.eval_dataset, max_slices=data_args.max_slices, study_settings=run.processor.study_settings
+    )
     return [ReportEvalCallback(select_eval_rows(rows, data_args.eval_samples, seed=args.seed), run.processor)]
 
 
@@ -228,8 +268,13 @@ def train(run: PreparedRun, trainer) -> dict:
     from .resume import check_resume_compatible, resume_settings
 
     args = run.training_args
-    logger.info("rank %d of %d: %s stage, %d training rows", args.process_index, args.world_size, args.stage,
-                len(run.train_dataset))
+    logger.info(
+        "rank %d of %d: %s stage, %d training rows",
+        args.process_index,
+        args.world_size,
+        args.stage,
+        len(run.train_dataset),
+    )
     target = resume_target(args)
     if target is not None:
         check_resume_compatible(target, resume_settings(run.model_args, run.data_args, args), args.max_steps)
@@ -244,8 +289,9 @@ def final_evaluation(run: PreparedRun, trainer) -> tuple[dict, str | None]:
         return dict(trainer.evaluate()), None
     except Exception as error:  # noqa: BLE001 - the final model is already on disk
         message = f"{type(error).__name__}: {error}"
-        logger.error("Final evaluation failed (the trained model is saved in %s): %s", run.training_args.output_dir,
-                     message)
+        logger.error(
+            "Final evaluation failed (the trained model is saved in %s): %s", run.training_args.output_dir, message
+        )
         return {}, message
 
 
@@ -274,9 +320,14 @@ def record(run: PreparedRun, trainer, tower_saved: bool, exported: dict) -> None
 
     output_dir = run.training_args.output_dir
     run.processor.save_pretrained(output_dir)
-    write_checkpoint_info(output_dir, tower_saved=tower_saved, vision_model_name_or_path=run.vision_source(),
-                          **run.record_extra, lora_merged=exported["lora_merged"],
-                          trained_llm_quantization=exported.get("trained_llm_quantization"))
+    write_checkpoint_info(
+        output_dir,
+        tower_saved=tower_saved,
+        vision_model_name_or_path=run.vision_source(),
+        **run.record_extra,
+        lora_merged=exported["lora_merged"],
+        trained_llm_quantization=exported.get("trained_llm_quantization"),
+    )
     trainer.save_state()
 
 
@@ -287,9 +338,14 @@ def health_summary(trainer) -> dict | None:
     health = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingHealth)), None)
     if health is None:
         return None
-    return {"verdict": health.verdict, "stopped_by": health.stopped_by, "tripped": sorted(health.tripped),
-            "seen": sorted({code for _, code in health.verdicts}), "probes": list(health.probes),
-            "table": health.table()}
+    return {
+        "verdict": health.verdict,
+        "stopped_by": health.stopped_by,
+        "tripped": sorted(health.tripped),
+        "seen": sorted({code for _, code in health.verdicts}),
+        "probes": list(health.probes),
+        "table": health.table(),
+    }
 
 
 def write_card(run: PreparedRun, trainer, metrics: dict, health: dict | None = None) -> str:
@@ -299,11 +355,25 @@ def write_card(run: PreparedRun, trainer, metrics: dict, health: dict | None = N
 
     args = run.training_args
     previous = [] if run.model_args.from_scratch else load_history(run.model_args.init_from)
-    stage = stage_record(run.model_args, run.data_args, args, run.info, run.data_rows, metrics,
-                         trainer.state.global_step, describe_trainable(trainer.model))
+    stage = stage_record(
+        run.model_args,
+        run.data_args,
+        args,
+        run.info,
+        run.data_rows,
+        metrics,
+        trainer.state.global_step,
+        describe_trainable(trainer.model),
+    )
     write_history(args.output_dir, previous + [stage])
-    return write_model_card(args.output_dir, previous + [stage], run.info["recipe"], run.info["overrides"],
-                            guard_trips=trainer.guard_trips, health=(health or {}).get("table"))
+    return write_model_card(
+        args.output_dir,
+        previous + [stage],
+        run.info["recipe"],
+        run.info["overrides"],
+        guard_trips=trainer.guard_trips,
+        health=(health or {}).get("table"),
+    )
 
 
 def push(run: PreparedRun) -> str:

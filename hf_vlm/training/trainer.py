@@ -53,8 +53,15 @@ class MambaVLMTrainer(Trainer):
     leaves only the callbacks passed in.
     """
 
-    def __init__(self, model=None, args: MambaVLMTrainingArguments | None = None, *pos, callbacks=None,
-                 install_guards: bool = True, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: MambaVLMTrainingArguments | None = None,
+        *pos,
+        callbacks=None,
+        install_guards: bool = True,
+        **kwargs,
+    ):
         if not isinstance(args, MambaVLMTrainingArguments):
             raise TypeError("MambaVLMTrainer needs MambaVLMTrainingArguments (stage, LRs and guard settings)")
         if model is not None and getattr(model, "_hf_vlm_freeze_policy", None) != policy_key(args):
@@ -124,8 +131,13 @@ class MambaVLMTrainer(Trainer):
         lr = PRETRAINED_QFORMER_LR if pretrained else args.bridge_learning_rate
         if not getattr(self, "_qformer_lr_logged", False):
             self._qformer_lr_logged = True
-            logger.info("Q-Former body LR %g (%s)", lr, f"BLIP-2 weights from {config.qformer_init_from}" if pretrained
-                        else "fresh Q-Former: bridge_learning_rate")
+            logger.info(
+                "Q-Former body LR %g (%s)",
+                lr,
+                f"BLIP-2 weights from {config.qformer_init_from}"
+                if pretrained
+                else "fresh Q-Former: bridge_learning_rate",
+            )
         return lr
 
     def build_parameter_groups(self, model) -> list[dict]:
@@ -141,12 +153,14 @@ class MambaVLMTrainer(Trainer):
         for component in GROUP_ORDER:
             for decay in (True, False):
                 if buckets.get((component, decay)):
-                    groups.append({
-                        "params": buckets[(component, decay)],
-                        "lr": self._group_lr(component),
-                        "weight_decay": self.args.weight_decay if decay else 0.0,
-                        "name": f"{component}{'' if decay else '_no_decay'}",
-                    })
+                    groups.append(
+                        {
+                            "params": buckets[(component, decay)],
+                            "lr": self._group_lr(component),
+                            "weight_decay": self.args.weight_decay if decay else 0.0,
+                            "name": f"{component}{'' if decay else '_no_decay'}",
+                        }
+                    )
         return groups
 
     def create_optimizer(self, model=None):
@@ -255,8 +269,9 @@ class MambaVLMTrainer(Trainer):
         super().log(logs, start_time)
 
     # --- evaluation: the vision probe ----------------------------------------------------------
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         probes = [cb for cb in self._hooks() if isinstance(cb, VisionProbe)]
         if probes and output.metrics is not None:
@@ -279,7 +294,8 @@ class MambaVLMTrainer(Trainer):
         if self.nonfinite_step is not None:
             logger.error(
                 "Not writing checkpoint-%d: the loss/gradient was NaN/Inf at step %d; the last good checkpoint is kept",
-                self.state.global_step, self.nonfinite_step,
+                self.state.global_step,
+                self.nonfinite_step,
             )
             return
         if self._stop_on_nonfinite_weights():
@@ -314,8 +330,10 @@ class MambaVLMTrainer(Trainer):
             return False
         step = self.state.global_step
         self._weights_nonfinite_at = step
-        message = (f"the weights are NaN/Inf after the update of step {step} ({', '.join(bad)}): the learning rate "
-                   "blew them up. Nothing is written from here on; the last good checkpoint is kept")
+        message = (
+            f"the weights are NaN/Inf after the update of step {step} ({', '.join(bad)}): the learning rate "
+            "blew them up. Nothing is written from here on; the last good checkpoint is kept"
+        )
         guards = [cb for cb in self._hooks() if isinstance(cb, CollapseGuard)]
         if guards:
             guards[0]._nonfinite(self.state, self.control, message, step=step)
@@ -340,8 +358,9 @@ class MambaVLMTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if self.nonfinite_step is not None:
-            logger.error("Not saving to %s: the loss/gradient/weights were NaN/Inf at step %d", output_dir,
-                         self.nonfinite_step)
+            logger.error(
+                "Not saving to %s: the loss/gradient/weights were NaN/Inf at step %d", output_dir, self.nonfinite_step
+            )
             return
         bad = nonfinite_parameters(self.model)
         if bad:
@@ -350,8 +369,11 @@ class MambaVLMTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if (not self.args.save_frozen_vision_weights
-                and getattr(self.model, "vision_tower", None) is not None and tower_is_frozen(self.model)):
+        if (
+            not self.args.save_frozen_vision_weights
+            and getattr(self.model, "vision_tower", None) is not None
+            and tower_is_frozen(self.model)
+        ):
             # frozen tower: re-loaded from vision_model_name_or_path, not copied into every checkpoint
             # (under FSDP the gathered full state dict arrives here: it is filtered the same way)
             state_dict = without_frozen_tower(self.model.state_dict() if state_dict is None else state_dict)
@@ -392,8 +414,12 @@ class MambaVLMTrainer(Trainer):
         result = self.model.load_state_dict(kept, strict=False)
         if result.unexpected_keys:
             raise RuntimeError(f"{checkpoint} does not fit the model: unexpected {result.unexpected_keys[:5]}")
-        logger.info("Loaded %d tensors from %s (%d of its bitsandbytes-quantised, frozen tensors kept as loaded)",
-                    len(kept), checkpoint, len(state) - len(kept))
+        logger.info(
+            "Loaded %d tensors from %s (%d of its bitsandbytes-quantised, frozen tensors kept as loaded)",
+            len(kept),
+            checkpoint,
+            len(state) - len(kept),
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         prefixes = self._quantized_prefixes()

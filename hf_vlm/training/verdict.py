@@ -33,28 +33,33 @@ NOT_LEARNING_EXIT_CODE = 4  # `hf-vlm train` exit status when the not-learning v
 
 _WHAT_TO_DO = {
     "collapse": "The visual features collapsed, so the LLM cannot see the image any more. What to do: do not "
-                "initialise the next stage from this checkpoint; restart the bridge with from_scratch=True, lower "
-                "bridge_learning_rate (e.g. 1e-5), train on the caption loss (not a feature-norm proxy), and watch "
-                "visual_std in the log.",
+    "initialise the next stage from this checkpoint; restart the bridge with from_scratch=True, lower "
+    "bridge_learning_rate (e.g. 1e-5), train on the caption loss (not a feature-norm proxy), and watch "
+    "visual_std in the log.",
     "blind": "The images of a training batch are all identical, so nothing about the picture can be learned. "
-             "What to do: check the image column and image_root / path_map (every row pointing at one file?), the "
-             "CT window / DICOM rescale (all-black or all-white slices?), and the image processor's normalisation.",
+    "What to do: check the image column and image_root / path_map (every row pointing at one file?), the "
+    "CT window / DICOM rescale (all-black or all-white slices?), and the image processor's normalisation.",
     "leak": "The caption is reachable without the image. What to do: check, in this order, (1) the labels "
-            "(print one batch: only the answer + EOS supervised, each label the NEXT token, never shifted by hand), "
-            "(2) captions duplicated in the prompt, (3) eval rows in the training set, (4) a task that is text-only "
-            "(every caption the same, or predictable from the prompt).",
+    "(print one batch: only the answer + EOS supervised, each label the NEXT token, never shifted by hand), "
+    "(2) captions duplicated in the prompt, (3) eval rows in the training set, (4) a task that is text-only "
+    "(every caption the same, or predictable from the prompt).",
     "not_learning": "The model is not learning to see. What to do: give the bridge something it can steer - LoRA "
-                    "(stage=finetune, use_lora=true) or unfreeze_llm_layers=N on the last layers; raise "
-                    "bridge_learning_rate (or lower it if the loss jumped first); try bridge_type=qformer or more "
-                    "max_visual_tokens; start a collapsed bridge again with from_scratch=true. The frozen-LM case "
-                    "looks like this: loss flat in the start band, train_vision_gap ~0, generated text = the LM's "
-                    "pre-training text whatever the image.",
+    "(stage=finetune, use_lora=true) or unfreeze_llm_layers=N on the last layers; raise "
+    "bridge_learning_rate (or lower it if the loss jumped first); try bridge_type=qformer or more "
+    "max_visual_tokens; start a collapsed bridge again with from_scratch=true. The frozen-LM case "
+    "looks like this: loss flat in the start band, train_vision_gap ~0, generated text = the LM's "
+    "pre-training text whatever the image.",
     "nan": "see the CollapseGuard message: the last good checkpoint is kept.",
 }
 
 
-def plateau(losses: list[tuple[int, float]], window_steps: int, logging_steps: int, after_step: int = 0,
-            min_improvement: float = 0.02) -> dict | None:
+def plateau(
+    losses: list[tuple[int, float]],
+    window_steps: int,
+    logging_steps: int,
+    after_step: int = 0,
+    min_improvement: float = 0.02,
+) -> dict | None:
     """Relative improvement of the smoothed loss over the last `window_steps`; None while too short.
 
     Returns {"plateau", "improvement", "before", "now", "window", "smooth_steps", "start"} ("start": the
@@ -64,12 +69,18 @@ def plateau(losses: list[tuple[int, float]], window_steps: int, logging_steps: i
     h = max(2, w // 2)
     if len(losses) < w + h or losses[-(w + h)][0] < after_step:
         return None
-    before = sum(v for _, v in losses[-(w + h):-w]) / h
+    before = sum(v for _, v in losses[-(w + h) : -w]) / h
     now = sum(v for _, v in losses[-h:]) / h
     improvement = (before - now) / before if before > 0 else 0.0
-    return {"plateau": improvement < min_improvement, "improvement": improvement, "before": before, "now": now,
-            "window": losses[-1][0] - losses[-(w + 1)][0], "smooth_steps": losses[-1][0] - losses[-(h + 1)][0],
-            "start": losses[-(w + h)][0]}
+    return {
+        "plateau": improvement < min_improvement,
+        "improvement": improvement,
+        "before": before,
+        "now": now,
+        "window": losses[-1][0] - losses[-(w + 1)][0],
+        "smooth_steps": losses[-1][0] - losses[-(h + 1)][0],
+        "start": losses[-(w + h)][0],
+    }
 
 
 class TrainingHealth(Guard):
@@ -77,10 +88,20 @@ class TrainingHealth(Guard):
 
     name = "TrainingHealth"
 
-    def __init__(self, action: str = "stop", collapse_guard=None, *, min_gap: float = 0.02,
-                 min_gap_relative: float = 0.02, low_loss: float = 0.1, low_patience: int = 2,
-                 window_fraction: float = 0.1, min_improvement: float = 0.02, collapse_fraction: float = 0.25,
-                 band=(3.0, 8.0, 0.5, 1.0)):
+    def __init__(
+        self,
+        action: str = "stop",
+        collapse_guard=None,
+        *,
+        min_gap: float = 0.02,
+        min_gap_relative: float = 0.02,
+        low_loss: float = 0.1,
+        low_patience: int = 2,
+        window_fraction: float = 0.1,
+        min_improvement: float = 0.02,
+        collapse_fraction: float = 0.25,
+        band=(3.0, 8.0, 0.5, 1.0),
+    ):
         super().__init__(action)
         self.collapse_guard = collapse_guard
         self.min_gap, self.min_gap_relative = min_gap, min_gap_relative
@@ -128,9 +149,14 @@ class TrainingHealth(Guard):
         if self._nonfinite() is not None:
             return "nan", f"NaN/Inf at step {self._nonfinite()}: training stopped"
         trend, last = self.trend(), (self.probes[-1] if self.probes else None)
-        trend_text = "" if trend is None else (
-            f"; smoothed loss {trend['before']:.3g} -> {trend['now']:.3g} ({-trend['improvement']:+.1%}) over "
-            f"{trend['window']} steps")
+        trend_text = (
+            ""
+            if trend is None
+            else (
+                f"; smoothed loss {trend['before']:.3g} -> {trend['now']:.3g} ({-trend['improvement']:+.1%}) over "
+                f"{trend['window']} steps"
+            )
+        )
         if trend is not None and trend["plateau"]:
             trend_text += f" (plateau: improvement < {self.min_improvement:.0%})"
         if last is None:
@@ -139,9 +165,12 @@ class TrainingHealth(Guard):
         peak = max(self.probes, key=lambda p: p["gap"])
         recent = self.probes[-2:]
         if self._std_collapsed() or (
-            self._clear(peak["gap"], peak["rel"]) and len(recent) == 2 and peak is not recent[-1]
-            and all(p["gap"] < self.collapse_fraction * peak["gap"] and not self._clear(p["gap"], p["rel"])
-                    for p in recent)
+            self._clear(peak["gap"], peak["rel"])
+            and len(recent) == 2
+            and peak is not recent[-1]
+            and all(
+                p["gap"] < self.collapse_fraction * peak["gap"] and not self._clear(p["gap"], p["rel"]) for p in recent
+            )
         ):
             std = f"; visual_std {self.visual_std[0]:.3g} -> {self.visual_std[-1]:.3g}" if self.visual_std else ""
             return "collapse", f"{gap_text}, down from {peak['gap']:.3g} at step {peak['step']}{std}"
@@ -150,11 +179,14 @@ class TrainingHealth(Guard):
             return "healthy", f"{gap_text}: {state}" + trend_text
         if last["spread"] <= 1e-8:
             return "blind", f"{gap_text}: every image of the probed batch is identical (spread {last['spread']:.3g})"
-        low = self.probes[-self.low_patience:]
-        if len(low) == self.low_patience and all(p["true"] < self.low_loss and p["shuffled"] < self.low_loss
-                                                 for p in low):
-            return "leak", (f"{gap_text}: loss {last['true']:.3g} with the true images and {last['shuffled']:.3g} "
-                            f"with other rows' images (< {self.low_loss:g} on {self.low_patience} probes)")
+        low = self.probes[-self.low_patience :]
+        if len(low) == self.low_patience and all(
+            p["true"] < self.low_loss and p["shuffled"] < self.low_loss for p in low
+        ):
+            return "leak", (
+                f"{gap_text}: loss {last['true']:.3g} with the true images and {last['shuffled']:.3g} "
+                f"with other rows' images (< {self.low_loss:g} on {self.low_patience} probes)"
+            )
         if trend is not None and trend["plateau"] and last["step"] >= trend["start"]:  # a probe inside the window
             return "not_learning", gap_text + trend_text
         return "learning", f"{gap_text}: no gap yet" + trend_text
@@ -171,10 +203,16 @@ class TrainingHealth(Guard):
         if logs.get("visual_std") is not None:
             self.visual_std.append(float(logs["visual_std"]))
         if logs.get("train_vision_gap") is not None:
-            self.probes.append({"step": step, "gap": logs["train_vision_gap"], "rel": logs["train_vision_gap_rel"],
-                                "true": logs["train_vision_loss_true"],
-                                "shuffled": logs["train_vision_loss_shuffled"],
-                                "spread": logs.get("train_image_spread", 1.0)})
+            self.probes.append(
+                {
+                    "step": step,
+                    "gap": logs["train_vision_gap"],
+                    "rel": logs["train_vision_gap_rel"],
+                    "true": logs["train_vision_loss_true"],
+                    "shuffled": logs["train_vision_loss_shuffled"],
+                    "spread": logs.get("train_image_spread", 1.0),
+                }
+            )
         code, text = self.decide()
         self.verdicts.append((step, code))
         logs["health"] = code
@@ -204,45 +242,81 @@ class TrainingHealth(Guard):
         code, text = self.decide()
         rows = []
         bad = self._nonfinite()
-        rows.append(("loss finite", "all finite" if bad is None else f"NaN/Inf at step {bad}",
-                     "pass" if bad is None else "fail"))
+        rows.append(
+            (
+                "loss finite",
+                "all finite" if bad is None else f"NaN/Inf at step {bad}",
+                "pass" if bad is None else "fail",
+            )
+        )
         last = self.probes[-1] if self.probes else None
         if last is None:
             rows.append(("train vision gap", "not measured (vision_probe_steps=0?)", "warn"))
         else:
             peak = max(p["gap"] for p in self.probes)
             status = "pass" if self._clear(last["gap"], last["rel"]) else ("fail" if code in PROBLEMS else "warn")
-            rows.append(("train vision gap", f"{last['gap']:.3g} (rel {last['rel']:.1%}) at step {last['step']}, "
-                         f"peak {peak:.3g}, {len(self.probes)} probes", status))
-            rows.append(("images differ within a batch", f"mean |image - other| {last['spread']:.3g}",
-                         "pass" if last["spread"] > 1e-8 else "fail"))
+            rows.append(
+                (
+                    "train vision gap",
+                    f"{last['gap']:.3g} (rel {last['rel']:.1%}) at step {last['step']}, "
+                    f"peak {peak:.3g}, {len(self.probes)} probes",
+                    status,
+                )
+            )
+            rows.append(
+                (
+                    "images differ within a batch",
+                    f"mean |image - other| {last['spread']:.3g}",
+                    "pass" if last["spread"] > 1e-8 else "fail",
+                )
+            )
         trend = self.trend()
         if trend is None:
             rows.append(("loss trend", f"too few logs for a {self._window}-step window", "warn"))
         else:
             status = "pass" if not trend["plateau"] or code == "healthy" else "warn"
-            rows.append(("loss trend", f"smoothed {trend['before']:.3g} -> {trend['now']:.3g} "
-                         f"({-trend['improvement']:+.1%}) over {trend['window']} steps", status))
+            rows.append(
+                (
+                    "loss trend",
+                    f"smoothed {trend['before']:.3g} -> {trend['now']:.3g} "
+                    f"({-trend['improvement']:+.1%}) over {trend['window']} steps",
+                    status,
+                )
+            )
         if self.losses:
             start_low, start_high, target_low, target_high = self.band
-            rows.append(("loss level (context)", f"last {self.losses[-1][1]:.3g}; bands: start {start_low:g}-"
-                         f"{start_high:g}, target {target_low:g}-{target_high:g}",
-                         "fail" if code == "leak" else "pass"))
+            rows.append(
+                (
+                    "loss level (context)",
+                    f"last {self.losses[-1][1]:.3g}; bands: start {start_low:g}-"
+                    f"{start_high:g}, target {target_low:g}-{target_high:g}",
+                    "fail" if code == "leak" else "pass",
+                )
+            )
         if self.visual_std:
-            rows.append(("visual features", f"visual_std {self.visual_std[0]:.3g} -> {self.visual_std[-1]:.3g}",
-                         "fail" if self._std_collapsed() else "pass"))
+            rows.append(
+                (
+                    "visual features",
+                    f"visual_std {self.visual_std[0]:.3g} -> {self.visual_std[-1]:.3g}",
+                    "fail" if self._std_collapsed() else "pass",
+                )
+            )
         if self.eval_gap is not None:
-            rows.append(("eval vision gap", f"{self.eval_gap:.3g}",
-                         "pass" if self.eval_gap >= self.min_gap else "warn"))
-        rows.append(("verdict", f"{code}: {text}", "pass" if code == "healthy" else
-                     ("fail" if code in PROBLEMS else "warn")))
+            rows.append(
+                ("eval vision gap", f"{self.eval_gap:.3g}", "pass" if self.eval_gap >= self.min_gap else "warn")
+            )
+        rows.append(
+            ("verdict", f"{code}: {text}", "pass" if code == "healthy" else ("fail" if code in PROBLEMS else "warn"))
+        )
         return rows
 
 
 def format_health_table(rows: list[tuple[str, str, str]], markdown: bool = False) -> str:
     if markdown:
-        return "\n".join(["| check | figure | status |", "|---|---|---|"]
-                         + [f"| {c} | {f.replace('|', '/')} | {s} |" for c, f, s in rows])
+        return "\n".join(
+            ["| check | figure | status |", "|---|---|---|"]
+            + [f"| {c} | {f.replace('|', '/')} | {s} |" for c, f, s in rows]
+        )
     width = max(len(c) for c, _, _ in rows)
     return "\n".join(f"{s.upper():4}  {c:<{width}}  {f}" for c, f, s in rows)
 

@@ -36,7 +36,9 @@ class ReportBleu(evaluate.Metric):
             citation="Papineni et al., BLEU, ACL 2002; Chen et al., Microsoft COCO Captions, 2015",
             inputs_description=_KWARGS,
             features=[
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
+                datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+                ),
                 datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
             ],
         )

@@ -33,7 +33,9 @@ class ReportCider(evaluate.Metric):
             citation="Vedantam et al., CIDEr, CVPR 2015",
             inputs_description=_KWARGS,
             features=[
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
+                datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+                ),
                 datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
             ],
         )
@@ -43,5 +45,8 @@ class ReportCider(evaluate.Metric):
         hyps = [tokenize(p, granularity, keep_punct) for p in predictions]
         ref_tokens = [[tokenize(r, granularity, keep_punct) for r in rs] for rs in refs]
         score, _ = cider_d(hyps, ref_tokens)
-        return {"cider_d": float(score), "granularity": granularity,
-                "tokenization": describe_tokenization(granularity, keep_punct)}
+        return {
+            "cider_d": float(score),
+            "granularity": granularity,
+            "tokenization": describe_tokenization(granularity, keep_punct),
+        }

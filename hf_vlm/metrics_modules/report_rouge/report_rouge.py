@@ -32,7 +32,9 @@ class ReportRouge(evaluate.Metric):
             citation="Lin, ROUGE, 2004; Chen et al., Microsoft COCO Captions, 2015",
             inputs_description=_KWARGS,
             features=[
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
+                datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+                ),
                 datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
             ],
         )
@@ -42,5 +44,8 @@ class ReportRouge(evaluate.Metric):
         hyps = [tokenize(p, granularity, keep_punct) for p in predictions]
         ref_tokens = [[tokenize(r, granularity, keep_punct) for r in rs] for rs in refs]
         score, _ = corpus_rouge_l(hyps, ref_tokens)
-        return {"rouge_l": float(score), "granularity": granularity,
-                "tokenization": describe_tokenization(granularity, keep_punct)}
+        return {
+            "rouge_l": float(score),
+            "granularity": granularity,
+            "tokenization": describe_tokenization(granularity, keep_punct),
+        }
