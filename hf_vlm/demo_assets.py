@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from transformers import MambaForCausalLM, ViTImageProcessorPil, ViTModel
+from transformers import AutoModelForCausalLM, ViTImageProcessorPil, ViTModel
 
 from .data.collator import IGNORE_INDEX
 from .presets import tiny_max_visual_tokens, tiny_text_config, tiny_vision_config
@@ -76,7 +76,7 @@ def load_assets_record(out_dir: str) -> tuple[dict, DemoAssets] | None:
         return None
 
 
-def pretrain_text_lm(model: MambaForCausalLM, tokenizer, texts: list[str], steps: int, seed: int = 0) -> float:
+def pretrain_text_lm(model, tokenizer, texts: list[str], steps: int, seed: int = 0) -> float:
     """A few hundred steps of next-token training on report text, so the LLM 'speaks' reports."""
     generator = torch.Generator().manual_seed(seed)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
@@ -107,6 +107,7 @@ def build_demo_assets(
     lm_steps: int = 150,
     seed: int = 0,
     studies: bool = False,
+    lm_family: str = "mamba",
 ) -> DemoAssets:
     """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`.
 
@@ -141,7 +142,10 @@ def build_demo_assets(
     ViTModel(vision_cfg, add_pooling_layer=False).save_pretrained(vision_path)
 
     llm_path = os.path.join(out_dir, "mamba_lm")
-    llm = MambaForCausalLM(tiny_text_config(len(tokenizer), preset, pad_token_id=tokenizer.pad_token_id))
+    # any family of hf_vlm.backbones (`tiny_lm_family`); the directory name is kept for old records
+    llm = AutoModelForCausalLM.from_config(
+        tiny_text_config(len(tokenizer), preset, pad_token_id=tokenizer.pad_token_id, family=lm_family)
+    )
     final = pretrain_text_lm(llm, tokenizer, [prompt_text + r for r in reports], steps=lm_steps, seed=seed)
     logger.info("Stage 0 (text-only LM pretraining, %d steps): final loss %.3f", lm_steps, final)
     llm.save_pretrained(llm_path)

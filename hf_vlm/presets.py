@@ -41,7 +41,23 @@ def tiny_vision_config(preset: str = "tiny") -> ViTConfig:
     return ViTConfig(**TINY_PRESETS[preset][0])
 
 
-def tiny_text_config(vocab_size: int, preset: str = "tiny", pad_token_id: int = 0) -> MambaConfig:
+def tiny_text_config(vocab_size: int, preset: str = "tiny", pad_token_id: int = 0, family: str = "mamba"):
+    """The preset's LM config: Mamba, or any family of hf_vlm.backbones at the preset's width/depth/state."""
+    if family != "mamba":
+        from .backbones import example_config, get_family
+
+        text = TINY_PRESETS[preset][1]
+        get_family(family)  # an unknown family: the error lists the supported ones
+        return example_config(
+            family,
+            vocab_size=vocab_size,
+            hidden_size=text["hidden_size"],
+            num_layers=max(text["num_hidden_layers"], 2),
+            state_size=text["state_size"],
+            pad_token_id=pad_token_id,
+            bos_token_id=pad_token_id,
+            eos_token_id=pad_token_id,
+        )
     return MambaConfig(
         vocab_size=vocab_size,
         pad_token_id=pad_token_id,

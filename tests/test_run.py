@@ -374,3 +374,47 @@ def test_synthetic_assets_are_reused_from_another_working_directory(tmp_path, mi
         info = json.loads((out / "hf_vlm_checkpoint.json").read_text(encoding="utf-8"))
         assert info["run_settings"]["language_model_name_or_path"] == str(first / "outputs/demo/assets/mamba_lm")
     assert (first / "outputs/demo/assets/mamba_lm/model.safetensors").stat().st_mtime_ns == built  # reused
+
+
+@pytest.mark.parametrize("family", ["mamba2", "falcon_h1"])
+def test_tiny_demo_runs_on_another_lm_family_via_a_recipe_key(tmp_path, micro, family):
+    """Issue 12: `tiny_lm_family` builds the demo's Stage-0 LM in any family of hf_vlm.backbones;
+    `hf-vlm train` and `hf-vlm generate` then run on it end to end through the CLI."""
+    from transformers import AutoModelForImageTextToText
+
+    from hf_vlm.cli import main
+
+    out = tmp_path / family
+    flags = _flags(
+        {
+            **micro,
+            "synthetic_dir": str(tmp_path / "assets"),
+            "tiny_lm_family": family,
+            "max_steps": 2,
+            "save_strategy": "no",
+        }
+    )
+    assert main(["train", "tiny_demo", *flags, "--output_dir", str(out)]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert model.language_model.config.model_type == family
+    record = json.loads((tmp_path / "assets" / "assets.json").read_text(encoding="utf-8"))
+    assert record["settings"]["lm_family"] == family
+    csv_out = tmp_path / "reports.csv"
+    images = tmp_path / "assets" / "data"
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(out),
+                "--images",
+                str(next(images.rglob("*.png")).parent),
+                "--output",
+                str(csv_out),
+                "--max_new_tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert csv_out.read_text(encoding="utf-8-sig").count("\n") >= 2

@@ -216,7 +216,9 @@ def resolve_configs(model_args, vocab_size: int | None = None):
             _load_config(model_args.language_model_name_or_path, KNOWN_TEXT, "text"),
         )
     if model_args.tiny_preset:
-        return tiny_vision_config(model_args.tiny_preset), tiny_text_config(vocab_size or 600, model_args.tiny_preset)
+        return tiny_vision_config(model_args.tiny_preset), tiny_text_config(
+            vocab_size or 600, model_args.tiny_preset, family=model_args.tiny_lm_family
+        )
     raise ValueError("The recipe names no model (init_from, components or tiny_preset)")
 
 

@@ -51,6 +51,10 @@ class ModelArguments:
         "Build tiny random parts from hf_vlm.presets ('tiny' or 'micro') instead of loading: tests and demo.",
         default=None,
     )
+    tiny_lm_family: str = _help(
+        "With tiny_preset: the family of the tiny LM (any of hf_vlm.backbones, e.g. mamba2, falcon_h1).",
+        default="mamba",
+    )
     bridge_type: str = _help(f"Vision bridge: one of {BRIDGE_TYPES}.", default="mlp")
     max_visual_tokens: int = _help("Visual tokens per image after the bridge (96 fits 32 GB with 2.8B).", default=96)
     vision_feature_layer: int = _help("Vision-tower hidden layer fed to the bridge (-2 = penultimate).", default=-2)
@@ -88,6 +92,8 @@ class ModelArguments:
 
             if self.tiny_preset not in TINY_PRESETS:
                 raise ValueError(f"tiny_preset must be one of {tuple(TINY_PRESETS)}, got {self.tiny_preset!r}")
+        if self.tiny_lm_family not in FAMILIES:
+            raise ValueError(f"tiny_lm_family must be one of {tuple(FAMILIES)}, got {self.tiny_lm_family!r}")
         if self.max_visual_tokens < 1:
             raise ValueError(f"max_visual_tokens must be >= 1, got {self.max_visual_tokens}")
         if self.llm_8bit and self.llm_4bit:

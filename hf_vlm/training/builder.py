@@ -43,6 +43,7 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
         "lm_steps": synth_args.synthetic_lm_steps,
         "seed": training_args.seed,
         **({"studies": True} if synth_args.synthetic_studies else {}),  # 2-D asset markers stay valid
+        **({"lm_family": model_args.tiny_lm_family} if model_args.tiny_lm_family != "mamba" else {}),
     }
     with training_args.main_process_first(desc="synthetic assets"):
         stored = load_assets_record(out_dir)
@@ -188,7 +189,9 @@ def build_model(model_args, processor):
         pad = processor.tokenizer.pad_token_id
         config = MambaVLMConfig(
             vision_config=tiny_vision_config(model_args.tiny_preset),
-            text_config=tiny_text_config(len(processor.tokenizer), model_args.tiny_preset, pad_token_id=pad),
+            text_config=tiny_text_config(
+                len(processor.tokenizer), model_args.tiny_preset, pad_token_id=pad, family=model_args.tiny_lm_family
+            ),
             **_bridge_kwargs(model_args, processor),
         )
         logger.info("Model: random %s preset", model_args.tiny_preset)
