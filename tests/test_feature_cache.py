@@ -136,3 +136,19 @@ def test_image_augmentation_turns_the_cache_off(tmp_path, rows, micro_model, mic
     transform = cache.transform()
     assert isinstance(transform, EncodeCaptionRows)
     assert "pixel_values" in rows.with_transform(transform)[0]
+
+
+def test_a_reinitialised_pooler_keeps_the_cache(tmp_path, rows, frozen_model, micro_processor):
+    """The pooler never touches the hidden states the cache stores; a tower saved without one gets a
+    random pooler at every load, which re-encoded the cache at every stage. A layer weight still counts."""
+    old = VisionFeatureCache(tmp_path, frozen_model, micro_processor)
+    pooler = [p for n, p in frozen_model.vision_tower.named_parameters() if n.startswith("pooler.")]
+    assert pooler, "the micro ViT has a pooler"
+    with torch.no_grad():
+        for param in pooler:
+            param.normal_()
+    assert VisionFeatureCache(tmp_path, frozen_model, micro_processor).fingerprint == old.fingerprint
+    layer = next(p for n, p in frozen_model.vision_tower.named_parameters() if n.startswith("layers."))
+    with torch.no_grad():
+        layer.view(-1)[0] += 1e-3
+    assert VisionFeatureCache(tmp_path, frozen_model, micro_processor).fingerprint != old.fingerprint

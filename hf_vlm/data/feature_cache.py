@@ -67,10 +67,20 @@ def row_key(source: str) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps(entries).encode())
 
 
-def hash_state_dict(module: torch.nn.Module) -> str:
-    """xxh3-128 over names, dtypes, shapes and every byte of every tensor of `module`."""
+# Vision-tower parts that only act on the pooled output, never on `hidden_states[vision_feature_layer]`
+# (ViT/DINOv2 pooler, CLIP's post_layernorm, SigLIP's attention-pooling head). A tower saved without a
+# pooler gets a freshly initialised one on every load: hashing it re-encoded the cache at every stage.
+POOLED_OUTPUT_ONLY = frozenset({"pooler", "post_layernorm", "head"})
+
+
+def hash_state_dict(module: torch.nn.Module, skip: frozenset[str] = frozenset()) -> str:
+    """xxh3-128 over names, dtypes, shapes and every byte of every tensor of `module`, except tensors
+    outside the encoder layers under a module named in `skip`."""
     digest = xxhash.xxh3_128()
     for name, tensor in sorted(module.state_dict().items()):
+        parts = name.split(".")
+        if skip.intersection(parts) and not {"layer", "layers"}.intersection(parts):
+            continue
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -217,7 +227,7 @@ class VisionFeatureCache:
         tower, config = self.model.vision_tower, self.model.config
         return {
             "format": CACHE_FORMAT,
-            "encoder_weights": hash_state_dict(tower),
+            "encoder_weights": hash_state_dict(tower, skip=POOLED_OUTPUT_ONLY),
             "encoder_dtype": str(next(tower.parameters()).dtype),
             "vision_config": config.vision_config.to_dict(),
             "vision_feature_layer": config.vision_feature_layer,
