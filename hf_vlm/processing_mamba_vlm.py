@@ -13,6 +13,19 @@ from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 
 from .tokenization import IMAGE_TOKEN, ensure_image_token
 
+
+def _study_module(name: str):
+    """`hf_vlm.data.<name>` by absolute name, at call time: remote code copies flat files only, and
+    transformers refuses a remote module whose import statements name a package that is absent, so a
+    2-D processor must load where hf_vlm is not installed; studies need it (the error says so)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"hf_vlm.data.{name}")
+    except ImportError as error:
+        raise ImportError(f"CT studies need the hf_vlm package (pip install hf_vlm): {error}") from error
+
+
 DEFAULT_TEMPLATE = "{prompt}\n{images}"
 DEFAULT_PROMPT = "请根据CT图像写出影像所见。"
 
@@ -58,17 +71,19 @@ class MambaVLMProcessor(ProcessorMixin):
     @property
     def study_settings(self):
         """The `StudyPreprocessing` of this processor, or None (2-D images)."""
-        from hf_vlm.data.study_settings import StudyPreprocessing  # absolute: remote code copies flat files only
-
-        return None if self.study_preprocessing is None else StudyPreprocessing.from_dict(self.study_preprocessing)
+        if self.study_preprocessing is None:
+            return None
+        return _study_module("study_settings").StudyPreprocessing.from_dict(self.study_preprocessing)
 
     @study_settings.setter
     def study_settings(self, value) -> None:
-        from hf_vlm.data.study_settings import StudyPreprocessing  # absolute: remote code copies flat files only
-
-        if value is not None and not isinstance(value, StudyPreprocessing):
-            value = StudyPreprocessing.from_dict(value)
-        self.study_preprocessing = None if value is None else value.to_dict()
+        if value is None:  # 2-D: nothing of hf_vlm.data needed (remote code without hf_vlm stays usable)
+            self.study_preprocessing = None
+            return
+        settings_class = _study_module("study_settings").StudyPreprocessing
+        if not isinstance(value, settings_class):
+            value = settings_class.from_dict(value)
+        self.study_preprocessing = value.to_dict()
 
     def encode_study(self, images) -> dict:
         """One study -> `pixel_values` (S, C, H, W) and `slice_z` (S,).
@@ -76,7 +91,7 @@ class MambaVLMProcessor(ProcessorMixin):
         `images` is a `Study` (from `hf_vlm.data.studies.load_study`), or a list holding one, or
         a list of PIL slices in inferior -> superior order (z = slice centres).
         """
-        from hf_vlm.data.studies import Study
+        Study = _study_module("studies").Study
 
         if isinstance(images, (list, tuple)) and len(images) == 1 and isinstance(images[0], Study):
             images = images[0]

@@ -145,12 +145,12 @@ def test_single_image_streams_token_by_token(tiny, capsys, monkeypatch):
 
     from hf_vlm.inference import generate_batch, load_for_inference
 
-    chunks = []
-    original = transformers.TextStreamer.on_finalized_text
+    # the streamer is fed once per decode step (not once at the end); what it prints of each step
+    # depends on the text (it holds back incomplete UTF-8 / words), so the feed is what is counted
+    fed = []
+    original = transformers.TextStreamer.put
     monkeypatch.setattr(
-        transformers.TextStreamer,
-        "on_finalized_text",
-        lambda self, text, stream_end=False: (chunks.append(text), original(self, text, stream_end))[1],
+        transformers.TextStreamer, "put", lambda self, value: (fed.append(value.numel()), original(self, value))[1]
     )
     image = tiny["eval_images"][0]
     assert main(["generate", "--checkpoint", tiny["checkpoint"], "--images", str(image), *GEN]) == 0
@@ -158,7 +158,7 @@ def test_single_image_streams_token_by_token(tiny, capsys, monkeypatch):
     model, processor, _ = load_for_inference(tiny["checkpoint"])
     expected = generate_batch(model, processor, [[Image.open(image).convert("RGB")]], [None], max_new_tokens=8)[0]
     assert expected and printed.strip() == expected
-    assert len([c for c in chunks if c]) >= 2  # printed while generating, not once at the end
+    assert len(fed) >= 3 and fed[1:] == [1] * (len(fed) - 1), fed  # the prompt, then one token per step
 
 
 def test_beam_search_reorders_the_recurrent_cache(tiny, tmp_path, monkeypatch):
