@@ -206,12 +206,16 @@ def test_checkpoint_can_leave_out_frozen_vision_weights(micro_trainer, tmp_path)
     assert any(k.startswith("bridge.") for k in keys)
 
 
-def test_qformer_body_lr_defaults_to_the_bridge_lr_unless_blip2_weights_were_loaded(micro_trainer, tmp_path, caplog):
+def test_qformer_body_lr_defaults_to_the_capped_bridge_lr_unless_blip2_weights_were_loaded(
+    micro_trainer, tmp_path, caplog
+):
     trainer = micro_trainer(tmp_path, config_overrides={"bridge_type": "qformer"}, bridge_learning_rate=3e-3)
     with caplog.at_level("INFO", logger="hf_vlm.training.trainer"):
         groups = {g["name"]: g["lr"] for g in trainer.build_parameter_groups(trainer.model)}
-    assert groups["qformer"] == 3e-3 and groups["bridge"] == 3e-3  # a fresh Q-Former is a new module
-    assert "Q-Former body LR 0.003 (fresh Q-Former" in caplog.text
+    assert groups["qformer"] == 1e-4 and groups["bridge"] == 3e-3  # a fresh post-LN body: 3e-3 left it blind
+    assert "Q-Former body LR 0.0001 (fresh Q-Former: bridge_learning_rate capped at 0.0001" in caplog.text
+    slow = micro_trainer(tmp_path / "d", config_overrides={"bridge_type": "qformer"}, bridge_learning_rate=5e-5)
+    assert {g["name"]: g["lr"] for g in slow.build_parameter_groups(slow.model)}["qformer"] == 5e-5
     pretrained = micro_trainer(tmp_path / "b", config_overrides={"bridge_type": "qformer"}, bridge_learning_rate=3e-3)
     pretrained.model.config.qformer_init_from = "some/blip2"  # as after load_blip2_weights
     assert {g["name"]: g["lr"] for g in pretrained.build_parameter_groups(pretrained.model)}["qformer"] == 1e-5

@@ -154,13 +154,6 @@ def prepare_run(recipe, overrides=None) -> PreparedRun:
     )
     set_seed(training_args.seed)  # the same fresh bridge whether or not assets were just generated
     model = build_model(model_args, processor)
-    if model.config.bridge_type == "qformer" and not model.config.qformer_init_from:
-        logger.warning(
-            "bridge_type qformer: a fresh Q-Former does not yet learn to see on the synthetic demo data "
-            "(eval_vision_gap ~1e-6 after 400 steps where the MLP bridge reaches 0.9; docs/architecture.md, "
-            "'Q-Former'). Watch train_vision_gap: the training-health verdict flags a run that is not "
-            "learning to see. The MLP bridge is the tested choice."
-        )
     train_dataset, eval_dataset, rows = build_datasets(data_args, processor)
     # every image training and evaluation will read, checked before step 0 (row_id + file named)
     validate_dataset_images(

@@ -25,7 +25,7 @@ from transformers import Trainer
 
 from ..checkpoints import tower_is_frozen, without_frozen_tower
 from ..data.collator import IGNORE_INDEX
-from .arguments import PRETRAINED_QFORMER_LR, MambaVLMTrainingArguments
+from .arguments import FRESH_QFORMER_LR, PRETRAINED_QFORMER_LR, MambaVLMTrainingArguments
 from .callbacks import CollapseGuard, VisionProbe, default_callbacks
 from .checkpoint_integrity import (
     checkpoint_problems,
@@ -118,17 +118,18 @@ class MambaVLMTrainer(Trainer):
         }.get(component, args.learning_rate)
 
     def _qformer_lr(self) -> float:
-        """`qformer_learning_rate`, or by default: BLIP-2's 1e-5 for a pretrained body, the bridge's LR for a fresh one.
+        """`qformer_learning_rate`, or by default: BLIP-2's 1e-5 for a pretrained body, the bridge's LR
+        capped at `FRESH_QFORMER_LR` (1e-4) for a fresh one.
 
-        A fresh Q-Former at 1e-5 is a new module trained 10-300x slower than the rest of the bridge:
-        it stayed blind (docs/architecture.md, "Q-Former").
+        Both ends were measured blind (docs/architecture.md, "Q-Former"): 1e-5 trains a new module too
+        slowly, and the MLP bridge's 3e-3 is too fast for a post-LN transformer body.
         """
         args = self.args
         if args.qformer_learning_rate is not None:
             return args.qformer_learning_rate
         config = getattr(self.model, "config", None)
         pretrained = bool(getattr(config, "qformer_init_from", None))
-        lr = PRETRAINED_QFORMER_LR if pretrained else args.bridge_learning_rate
+        lr = PRETRAINED_QFORMER_LR if pretrained else min(args.bridge_learning_rate, FRESH_QFORMER_LR)
         if not getattr(self, "_qformer_lr_logged", False):
             self._qformer_lr_logged = True
             logger.info(
@@ -136,7 +137,7 @@ class MambaVLMTrainer(Trainer):
                 lr,
                 f"BLIP-2 weights from {config.qformer_init_from}"
                 if pretrained
-                else "fresh Q-Former: bridge_learning_rate",
+                else f"fresh Q-Former: bridge_learning_rate capped at {FRESH_QFORMER_LR:g}",
             )
         return lr
 

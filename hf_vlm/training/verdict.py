@@ -97,7 +97,7 @@ class TrainingHealth(Guard):
         min_gap_relative: float = 0.02,
         low_loss: float = 0.1,
         low_patience: int = 2,
-        window_fraction: float = 0.1,
+        window_fraction: float = 0.2,
         min_improvement: float = 0.02,
         collapse_fraction: float = 0.25,
         band=(3.0, 8.0, 0.5, 1.0),
