@@ -29,6 +29,28 @@ from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
 FIELDS = ("image_path", "prompt", "report", "error")
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a checkpoint is loaded for inference (`load_for_inference`): shared by generate and serve."""
+    parser.add_argument(
+        "--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)"
+    )
+    parser.add_argument(
+        "--llm_8bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
+        "8-bit-trained checkpoint in full precision (a note is printed)",
+    )
+    parser.add_argument(
+        "--llm_4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision",
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 …")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="folder with the saved model and processor")
     parser.add_argument(
@@ -67,24 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no_repeat_ngram_size", type=int, default=None, help="forbid repeating any n-gram of this size"
     )
-    parser.add_argument(
-        "--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)"
-    )
-    parser.add_argument(
-        "--llm_8bit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
-        "8-bit-trained checkpoint in full precision (a note is printed)",
-    )
-    parser.add_argument(
-        "--llm_4bit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision",
-    )
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 …")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_checkpoint_arguments(parser)
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 
 from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
+from .generate import add_checkpoint_arguments
 
 DICOM_TYPES = [*IMAGE_SUFFIXES, ".gz"]  # ".gz": upload widgets match the last suffix of .nii.gz
 
@@ -26,30 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
-        "--max_visual_tokens", type=int, default=None, help="must equal the checkpoint's (default: read from it)"
-    )
-    parser.add_argument(
-        "--llm_8bit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LLM in 8-bit (default: as the checkpoint was trained); --no-llm_8bit runs an "
-        "8-bit-trained checkpoint in full precision (a note is printed)",
-    )
-    parser.add_argument(
-        "--llm_4bit",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LLM in 4-bit NF4 (default: as the checkpoint was trained); --no-llm_4bit: full precision",
-    )
-    parser.add_argument(
         "--max_image_pixels",
         type=int,
         default=None,
         help="refuse larger images on every input (default: PIL.Image.MAX_IMAGE_PIXELS, ~89 MP)",
     )
     parser.add_argument("--max_file_size", default="200mb", help="largest upload gradio accepts (e.g. 200mb)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    add_checkpoint_arguments(parser)
 
 
 def public_message(error: Exception, path) -> str:
