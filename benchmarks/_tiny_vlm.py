@@ -1,4 +1,5 @@
-"""Shared by the generation and training-step benchmarks: a tiny ViT + a Mamba LLM of chosen size.
+"""Shared by the generation, training-step and probe-overhead benchmarks: a tiny ViT + a Mamba LLM of
+chosen size, a batch of encoded rows, and a step clock.
 
 The tokenizer is trained locally on synthetic reports (no network); the vision tower is the
 `tiny` preset (64 px, 16 visual tokens), so the LLM width/depth is what the benchmarks vary.
@@ -7,13 +8,14 @@ The tokenizer is trained locally on synthetic reports (no network); the vision t
 from __future__ import annotations
 
 import random
+import time
 
 import torch
-from transformers import MambaConfig, ViTImageProcessorPil
+from transformers import MambaConfig, TrainerCallback, ViTImageProcessorPil
 
 from hf_vlm import MambaVLMConfig, MambaVLMForConditionalGeneration, MambaVLMProcessor
 from hf_vlm.presets import tiny_vision_config
-from hf_vlm.synthetic import DEFAULT_PROMPT, draw_facts, write_report
+from hf_vlm.synthetic import DEFAULT_PROMPT, draw_facts, render_slice, write_report
 from hf_vlm.tokenization import train_report_tokenizer
 
 
@@ -43,3 +45,28 @@ def build_tiny_vlm(hidden: int, layers: int, rng: random.Random):
         )
     )
     return model, processor, reports
+
+
+BATCH = 4
+
+
+class StepClock(TrainerCallback):
+    """Wall and CPU timestamps at every step end."""
+
+    def __init__(self):
+        self.marks = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def build_training_rows(hidden: int, layers: int):
+    """`build_tiny_vlm` (seed 0) and BATCH encoded training rows of 8 reports each."""
+    rng = random.Random(0)
+    model, processor, reports = build_tiny_vlm(hidden, layers, rng)
+    size = model.config.vision_config.image_size
+    rows = [
+        processor.encode_example([render_slice(draw_facts(rng), size, rng)], None, "".join(reports[8 * i : 8 * i + 8]))
+        for i in range(BATCH)
+    ]
+    return model, processor, rows

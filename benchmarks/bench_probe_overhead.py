@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -28,25 +27,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from _tiny_vlm import build_tiny_vlm  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from _tiny_vlm import BATCH, StepClock, build_training_rows  # noqa: E402
 
 from hf_vlm.data.collator import DataCollatorForMambaVLM  # noqa: E402
-from hf_vlm.synthetic import draw_facts, render_slice  # noqa: E402
 from hf_vlm.training.arguments import MambaVLMTrainingArguments  # noqa: E402
 from hf_vlm.training.freeze import apply_freeze_policy  # noqa: E402
 from hf_vlm.training.health import TrainVisionProbe  # noqa: E402
 from hf_vlm.training.trainer import MambaVLMTrainer  # noqa: E402
-
-BATCH = 4
-
-
-class StepClock(TrainerCallback):
-    def __init__(self):
-        self.marks = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), time.process_time()))
 
 
 def run(model, processor, dataset, collator, out, steps, every):
@@ -106,13 +93,7 @@ def main() -> int:
     default_every = MambaVLMTrainingArguments.__dataclass_fields__["vision_probe_steps"].default
     configs = {"probe off": 0, f"every {default_every} (default)": default_every, "every 10": 10}
 
-    rng = random.Random(0)
-    model, processor, reports = build_tiny_vlm(cli.hidden, cli.layers, rng)
-    size = model.config.vision_config.image_size
-    rows = [
-        processor.encode_example([render_slice(draw_facts(rng), size, rng)], None, "".join(reports[8 * i : 8 * i + 8]))
-        for i in range(BATCH)
-    ]
+    model, processor, rows = build_training_rows(cli.hidden, cli.layers)
     dataset = rows * (cli.steps + 1)
     collator = DataCollatorForMambaVLM(
         processor.tokenizer.pad_token_id, image_token_id=processor.image_token_id, log_first_example=False

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -32,38 +31,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from _tiny_vlm import build_tiny_vlm  # noqa: E402
+from _tiny_vlm import BATCH, StepClock, build_training_rows  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 from hf_vlm.data.collator import DataCollatorForMambaVLM  # noqa: E402
-from hf_vlm.synthetic import draw_facts, render_slice  # noqa: E402
 from hf_vlm.training.arguments import MambaVLMTrainingArguments  # noqa: E402
 from hf_vlm.training.freeze import apply_freeze_policy  # noqa: E402
 from hf_vlm.training.trainer import MambaVLMTrainer  # noqa: E402
-
-BATCH = 4
-
-
-class StepClock(TrainerCallback):
-    """Wall and CPU timestamps at every step end."""
-
-    def __init__(self):
-        self.marks = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), time.process_time()))
-
-
-def build(hidden: int, layers: int):
-    rng = random.Random(0)
-    model, processor, reports = build_tiny_vlm(hidden, layers, rng)
-    size = model.config.vision_config.image_size
-    rows = [
-        processor.encode_example([render_slice(draw_facts(rng), size, rng)], None, "".join(reports[8 * i : 8 * i + 8]))
-        for i in range(BATCH)
-    ]
-    return model, processor, rows
 
 
 def bare_loop(model, dataset, collator, args, optimizer_cls, optimizer_kwargs, steps):
@@ -122,7 +97,7 @@ def main() -> int:
     from hf_vlm.ops import install_fast_scan
 
     print("scan backend:", install_fast_scan())  # MambaVLMTrainer installs it anyway: same for all loops
-    model, processor, rows = build(cli.hidden, cli.layers)
+    model, processor, rows = build_training_rows(cli.hidden, cli.layers)
     total = cli.steps + cli.warmup + 1
     dataset = rows * total  # every batch is the same 4 rows (in shuffled order)
     collator = DataCollatorForMambaVLM(
