@@ -48,3 +48,26 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     longer = _checkpoint(tmp_path / "c" / "checkpoint-30", 30, settings)
     with pytest.raises(ValueError, match=r"at step 30 but this run has max_steps=12"):
         check_resume_compatible(longer, settings, max_steps=12)
+
+
+def test_resume_refuses_a_checkpoint_whose_study_settings_differ(make_args, tmp_path):
+    """A study run resumed with other slices or another z-embedding would train weights that
+    meant one preprocessing on another: the recorded study keys are compared like the rest."""
+    from hf_vlm.training.arguments import DataArguments, ModelArguments
+    from hf_vlm.training.resume import check_resume_compatible, resume_settings
+
+    args = make_args(tmp_path / "run")
+    model = ModelArguments(tiny_preset="micro", slice_position_embedding=True, study_depth_tokens=4)
+    recorded = resume_settings(model, DataArguments(studies=True, study_num_slices=32), args)
+    checkpoint = _checkpoint(tmp_path / "run" / "checkpoint-2", 2, recorded)
+    check_resume_compatible(checkpoint, recorded, max_steps=4)
+    fewer = resume_settings(model, DataArguments(studies=True, study_num_slices=16), args)
+    with pytest.raises(ValueError, match=r"study_num_slices: 32 in the checkpoint, 16 now"):
+        check_resume_compatible(checkpoint, fewer, max_steps=4)
+    three = DataArguments(studies=True, study_windows=["lung", "mediastinum", "mediastinum"])
+    windows = resume_settings(model, three, args)
+    with pytest.raises(ValueError, match=r"study_windows: \['lung'\] in the checkpoint"):
+        check_resume_compatible(checkpoint, windows, max_steps=4)
+    no_z = ModelArguments(tiny_preset="micro", slice_position_embedding=False, study_depth_tokens=4)
+    with pytest.raises(ValueError, match=r"slice_position_embedding: True in the checkpoint, False now"):
+        check_resume_compatible(checkpoint, resume_settings(no_z, DataArguments(studies=True), args), max_steps=4)

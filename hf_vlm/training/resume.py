@@ -41,8 +41,26 @@ RESUME_CRITICAL = {
         "from_scratch",
         "llm_8bit",
         "llm_4bit",
+        # studies (docs/architecture.md, section 4): how slices are pooled and where they sit in z
+        "bridge_pooling",
+        "slice_position_embedding",
+        "study_depth_tokens",
     ),
-    "data": ("train_file", "max_length", "max_slices"),
+    "data": (
+        "train_file",
+        "max_length",
+        "max_slices",
+        # studies: which pixels one row becomes (the processor's StudyPreprocessing)
+        "studies",
+        "study_windows",
+        "study_num_slices",
+        "study_slice_sampling",
+        "study_slice_stride",
+        "study_extent",
+        "study_target_spacing",
+        "study_crop",
+        "study_image_size",
+    ),
     "training": (
         "stage",
         "use_lora",
