@@ -3,10 +3,12 @@
     hf-vlm serve --checkpoint outputs/demo/final            # http://127.0.0.1:7860
 
 Drop a PNG/JPG slice (or upload a DICOM / NIfTI file) and read the report as it is generated,
-with the decoding settings on sliders. The model is loaded through `hf_vlm.inference`, so the
-page runs with the checkpoint's training settings exactly like `hf-vlm generate`. It listens
-on 127.0.0.1 by default: a radiology model on a public port is a decision to make on purpose
-(`--host 0.0.0.0`). gradio is optional: `pip install hf_vlm[serve]`.
+with the decoding settings on sliders. On a study checkpoint (its processor has study settings)
+the file widget also takes a `.zip` of a DICOM series, the upload becomes one `Study` with the
+checkpoint's settings (`serve_uploads`), and a strip shows the slices the model saw. The model
+is loaded through `hf_vlm.inference`, so the page runs with the checkpoint's training settings
+exactly like `hf-vlm generate`. It listens on 127.0.0.1 by default: a radiology model on a
+public port is a decision to make on purpose (`--host 0.0.0.0`). gradio is optional: `pip install hf_vlm[serve]`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..data.images import DEFAULT_MAX_SLICES, IMAGE_SUFFIXES
 from .generate import add_checkpoint_arguments
 
 DICOM_TYPES = [*IMAGE_SUFFIXES, ".gz"]  # ".gz": upload widgets match the last suffix of .nii.gz
+STUDY_TYPES = [*DICOM_TYPES, ".zip"]  # study checkpoints: a zipped DICOM series too
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,19 +70,32 @@ def _checked_pil(image, max_image_pixels: int | None):
     return [image.convert("RGB")]
 
 
+def _study_of(image, file, max_image_pixels, settings):
+    """A study checkpoint's input: the upload (or an API caller's PIL image) as one `Study`."""
+    from .serve_uploads import load_study_upload, study_of_pil
+
+    if file or isinstance(image, (str, os.PathLike)):
+        return load_study_upload(file or image, settings, max_image_pixels)
+    return study_of_pil(_checked_pil(image, max_image_pixels)[0], settings, max_image_pixels)
+
+
 def make_generate_fn(model, processor, max_image_pixels: int | None = None):
     """The page's callback: (image, file, prompt, settings...) -> report text, yielded as it grows.
 
     Both widgets deliver a file path and go through `load_upload`, so the decompression-bomb
     limit holds on every input path and the image is never decoded before it is checked.
-    Error messages name the uploaded file, never the server's temp folder.
+    Error messages name the uploaded file, never the server's temp folder. On a study
+    checkpoint it yields `(report, slices)`: the slice strip (image, caption) once, first, then
+    `gr.skip()` for it while the text streams (the strip is not re-sent with every token).
     """
     from transformers import TextIteratorStreamer
 
     from ..data.images import ImageLoadError
     from ..inference import build_generate_kwargs, generate_batch
+    from .serve_uploads import slice_captions
 
     lock = threading.Lock()  # one generation at a time: the model is shared
+    settings = processor.study_settings
 
     def generate(
         image,
@@ -96,15 +112,23 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
         import gradio as gr
 
         source = file or image
+        if not file and image is None:
+            kinds = ", a DICOM / NIfTI file or a zipped DICOM series" if settings else " or a DICOM / NIfTI file"
+            raise gr.Error(f"Upload a CT image (PNG/JPG){kinds} first.")
         try:
-            if file or isinstance(image, (str, os.PathLike)):
+            if settings is not None:
+                study = _study_of(image, file, max_image_pixels, settings)
+                images, strip = [study], list(zip(study.to_pil(), slice_captions(study)))
+            elif file or isinstance(image, (str, os.PathLike)):
                 images = load_upload(source, max_image_pixels)
-            elif image is not None:
+            else:
                 images = _checked_pil(image, max_image_pixels)
         except (ImageLoadError, ImportError) as exc:
             raise gr.Error(f"Cannot read the uploaded file: {public_message(exc, source)}") from exc
-        if not file and image is None:
-            raise gr.Error("Upload a CT image (PNG/JPG) or a DICOM / NIfTI file first.")
+        if settings is None:
+            out = lambda text, first=False: text  # noqa: E731 (2-D: the report only, as before)
+        else:
+            out = lambda text, first=False: (text, strip if first else gr.skip())  # noqa: E731
         kwargs = build_generate_kwargs(
             max_new_tokens=int(max_new_tokens),
             do_sample=bool(do_sample),
@@ -117,8 +141,10 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
         prompt = (prompt or "").strip() or None
         with lock:
             if int(num_beams) > 1:  # transformers cannot stream beam search
-                yield generate_batch(model, processor, [images], [prompt], **kwargs)[0]
+                yield out(generate_batch(model, processor, [images], [prompt], **kwargs)[0], first=True)
                 return
+            if settings is not None:
+                yield out("", first=True)  # the slices show while the report is generated
             streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
             result: dict = {}
 
@@ -136,17 +162,26 @@ def make_generate_fn(model, processor, max_image_pixels: int | None = None):
             text = ""
             for piece in streamer:
                 text += piece
-                yield text.strip()
+                yield out(text.strip())
             thread.join()
             if "error" in result:
                 raise gr.Error(f"Generation failed: {public_message(result['error'], source)}")
-            yield result["report"]
+            yield out(result["report"])
 
     return generate
 
 
 def _precision(settings: dict) -> str:
     return "8-bit" if settings["llm_8bit"] else "4-bit" if settings.get("llm_4bit") else "full precision"
+
+
+def _study_line(study) -> str:
+    """The header's note on a study checkpoint's preprocessing ('' for 2-D checkpoints)."""
+    if study is None:
+        return ""
+    count = f"{study.num_slices} " if study.slice_sampling == "uniform" else ""
+    windows = "+".join(w.name or f"W{w.width:g}/L{w.level:g}" for w in study.windows)
+    return f" · studies: {count}{study.slice_sampling} slices over the {study.extent} extent, {windows} window(s)"
 
 
 def build_app(checkpoint: str, **load_kwargs):
@@ -161,10 +196,11 @@ def build_app(checkpoint: str, **load_kwargs):
     for note in settings["notes"]:
         print(f"hf-vlm serve: note: {note}", file=sys.stderr)
     generate = make_generate_fn(model, processor, max_image_pixels)
+    study = processor.study_settings
     with gr.Blocks(title="hf_vlm report demo", analytics_enabled=False) as app:
         gr.Markdown(
             f"## CT report generation\nCheckpoint `{os.path.basename(os.path.normpath(checkpoint))}` · "
-            f"{settings['max_visual_tokens']} visual tokens · LLM {_precision(settings)} "
+            f"{settings['max_visual_tokens']} visual tokens · LLM {_precision(settings)}{_study_line(study)} "
             "· research use only, not a medical device."
         )
         with gr.Row():
@@ -179,8 +215,10 @@ def build_app(checkpoint: str, **load_kwargs):
                     elem_id="image",
                 )
                 file = gr.File(
-                    label="…or a DICOM / NIfTI file (takes precedence)",
-                    file_types=DICOM_TYPES,
+                    label="…or a DICOM / NIfTI file (takes precedence)"
+                    if study is None
+                    else "…or a CT study: NIfTI, DICOM, or a .zip of one DICOM series (takes precedence)",
+                    file_types=DICOM_TYPES if study is None else STUDY_TYPES,
                     type="filepath",
                     elem_id="file",
                 )
@@ -196,6 +234,11 @@ def build_app(checkpoint: str, **load_kwargs):
                     top_p = gr.Slider(0.1, 1.0, value=1.0, step=0.05, label="top_p (sampling)")
                 button = gr.Button("Generate report", variant="primary", elem_id="generate")
                 report = gr.Textbox(label="Report", lines=6, elem_id="report")
+                outputs = [report]
+                if study is not None:  # the slices the model saw, as loaded with the checkpoint's settings
+                    outputs.append(
+                        gr.Gallery(label="Slices the model saw", columns=8, height=260, format="png", elem_id="slices")
+                    )
         button.click(
             generate,
             inputs=[
@@ -210,7 +253,7 @@ def build_app(checkpoint: str, **load_kwargs):
                 temperature,
                 top_p,
             ],
-            outputs=report,
+            outputs=outputs[0] if study is None else outputs,
             api_name="generate",
         )
     return app
