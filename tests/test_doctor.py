@@ -101,3 +101,27 @@ def test_memory_estimate_for_a_hybrid_backbone_recipe(tmp_path):
         max_length=1216,
     )
     assert longer["terms"]["activations"] == pytest.approx(2 * full["terms"]["activations"], rel=0.1)
+
+
+def test_a_study_recipe_counts_s_slices_through_the_tower(capsys, monkeypatch):
+    """Studies: the tower sees S slices x P patches per row (the LM sequence does not grow with S),
+    so without the feature cache the estimate grows with S; with it the batch holds S x P x Dv
+    features per study. The printout names S and the visual-token budget."""
+    from hf_vlm.commands import doctor
+
+    base = {"bf16": False, "vision_feature_cache": None}
+    few, many = _estimate("stage1_align_study", study_num_slices=8, **base), _estimate("stage1_align_study", **base)
+    assert few["slices"] == 8 and many["slices"] == 32 and few["length"] == many["length"] == 768
+    assert many["terms"]["vision"] == pytest.approx(4 * few["terms"]["vision"])  # linear in S
+    assert many["total"] - few["total"] > 0.5 * 2**30  # CLIP-L over 24 more slices of 257 patches, B = 2
+    cached = _estimate("stage1_align_study", bf16=False)
+    assert cached["vision_source"] == "cached features" and cached["terms"]["vision"] == 2 * 32 * 257 * 1024 * 4
+    assert cached["terms"]["vision"] < many["terms"]["vision"]
+    trained = _estimate("stage1_align_study", unfreeze_vision_tower=True, **base)
+    assert trained["terms"]["vision"] > 10 * many["terms"]["vision"]  # every tower layer kept for backward
+
+    monkeypatch.setattr(doctor, "check_int8", lambda device: "works (stubbed in this test)")
+    assert doctor.run(Namespace(recipe="stage1_align_study", overrides=[])) == 0
+    out = capsys.readouterr().out
+    assert "S = 32 slices (uniform over the lung extent) x 257 patches" in out, out
+    assert "256 visual tokens per study" in out and "vision" in out and "bridge" in out

@@ -30,8 +30,17 @@ memory ~= weights + gradients + optimizer + activations + logits   (per process)
                  reference loop 4 x B x E x L x N x 4, hf_vlm chunked ceil(L/64) x B x E x N x 4, mamba-ssm 0.
                  With activation checkpointing: layers x B x L x d x a + one layer as above.
   logits       = 2 x B x L x vocab x 4   (fp32 logits and their gradient)
+  vision       = the tower's output for B x S images of P patches: B x S x P x Dv x a, read from the
+                 vision feature cache when it is on (frozen tower); without the cache a frozen tower adds
+                 one layer at a time, B x S x P x (4 Dv + Dff + heads x P) x a (no graph is kept), and a
+                 trained tower keeps that for each of its layers
+  bridge       = B x T x (Dv + 2 d) x a, plus for the Q-Former 2 x B x S x P x Dv x a (keys, values)
   B = per_device_train_batch_size, L = max_length (visual + text tokens), d = hidden size,
-  E = d_inner = expand x d, N = state size. Add ~0.5-1 GB for the CUDA context and allocator slack."""
+  E = d_inner = expand x d, N = state size; S = slices per study (studies: study_num_slices with
+  uniform sampling; all / stride assume a lung extent of ~250 slices) or images per row (2-D:
+  max_slices), P = patches per slice (+ CLS), Dv / Dff = the tower's width / MLP width,
+  T = max_visual_tokens per study or image (the LM sequence does not grow with S).
+  Add ~0.5-1 GB for the CUDA context and allocator slack."""
 
 # Offline fallbacks for the hub ids the recipes name (so the estimate needs no download).
 KNOWN_TEXT = {
@@ -246,6 +255,22 @@ def _lora_params(language_model, args) -> int:
     return total
 
 
+TYPICAL_LUNG_SLICES = 250  # lung extent of a chest CT at ~1.25 mm; for 'all' / 'stride' (the count depends on the data)
+
+
+def slices_per_row(data_args) -> tuple[int, str]:
+    """S, the images one row sends through the tower, and how it was found (for the printout)."""
+    if not data_args.studies:
+        return data_args.max_slices, "2-D images per row (max_slices)"
+    settings = data_args.study_preprocessing()
+    if settings.slice_sampling == "uniform":
+        return settings.num_slices, f"uniform over the {settings.extent} extent"
+    if settings.slice_sampling == "middle":
+        return 1, "the middle slice"
+    stride = settings.slice_stride if settings.slice_sampling == "stride" else 1
+    return math.ceil(TYPICAL_LUNG_SLICES / stride), f"{settings.slice_sampling}: ~{TYPICAL_LUNG_SLICES} slices assumed"
+
+
 def estimate_memory(model_args, data_args, training_args, scan_backend: str | None = None) -> dict:
     """Bytes per term of `MEMORY_FORMULA` (plus parameter counts) for one training process."""
     import torch
@@ -303,12 +328,27 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
         activations = layers * B * L * d * a + per_layer + scan
     else:
         activations = layers * (per_layer + scan)
+    S, slices_how = slices_per_row(data_args)
+    P = (vision.image_size // vision.patch_size) ** 2 + 1
+    Dv, T = vision.hidden_size, model_args.max_visual_tokens
+    cached = bool(data_args.vision_feature_cache) and not training_args.unfreeze_vision_tower
+    features = B * S * P * Dv * a
+    tower_layer = B * S * P * (4 * Dv + vision.intermediate_size + vision.num_attention_heads * P) * a
+    if cached:
+        tower, vision_vs = features, "cached features"
+    elif training_args.unfreeze_vision_tower:
+        tower, vision_vs = features + vision.num_hidden_layers * tower_layer, "trained tower"
+    else:
+        tower, vision_vs = features + tower_layer, "frozen tower, no cache"
+    bridge = B * T * (Dv + 2 * d) * a + (2 * features if model_args.bridge_type == "qformer" else 0)
     terms = {
         "weights": frozen_bytes + trainable * 4.0,
         "gradients": trainable * 4.0,
         "optimizer": trainable * float(optim_bytes),
         "activations": float(activations),
         "logits": 2.0 * B * L * text.vocab_size * 4,
+        "vision": float(tower),
+        "bridge": float(bridge),
     }
     return {
         "terms": terms,
@@ -322,6 +362,12 @@ def estimate_memory(model_args, data_args, training_args, scan_backend: str | No
         "length": L,
         "backend": backend,
         "precision": "bf16" if a == 2 else "fp32",
+        "studies": bool(data_args.studies),
+        "slices": S,
+        "slices_how": slices_how,
+        "patches": P,
+        "visual_tokens": T,
+        "vision_source": vision_vs,
     }
 
 
@@ -337,6 +383,13 @@ def memory_rows(estimate: dict) -> list[tuple[str, str]]:
             "shape",
             f"batch {estimate['batch']} x {estimate['length']} tokens, {estimate['precision']}, "
             f"scan {estimate['backend']}",
+        ),
+        (
+            "vision input",
+            f"{'study' if estimate['studies'] else 'row'}: S = {estimate['slices']} slices "
+            f"({estimate['slices_how']}) x {estimate['patches']} patches through the tower "
+            f"({estimate['vision_source']}) -> {estimate['visual_tokens']} visual tokens per "
+            f"{'study' if estimate['studies'] else 'image'}",
         ),
     ]
     rows += [(f"  {k}", f"{v / 2**30:.2f} GB") for k, v in estimate["terms"].items()]
