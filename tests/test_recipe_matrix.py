@@ -9,6 +9,9 @@ CPU substitutes, named in each test id:
 - `torch-scan`: without mamba-ssm the fused CUDA kernels are replaced by hf_vlm's chunked scan.
 - `bnb-cpu`: bitsandbytes' CPU int8 kernels stand in for the CUDA ones (8-bit rows).
 - `workers0`: dataloader_num_workers 0 (a worker pool for 3 steps costs more than the steps).
+- `studies-4`: study recipes (`studies: true`, not synthetic) train on 8 synthetic NIfTI studies
+  (`hf_vlm.synthetic_volumes`) with 4 slices of 32 px, 4 z bins x 1 token, the feature cache in the
+  session folder; generate / serve get NIfTI studies.
 Stage 2 recipes start from the Stage 1 row of the same bridge (their `init_from`).
 """
 
@@ -28,7 +31,11 @@ RECIPES = ROOT / "recipes"
 BRIDGES = ("mlp", "qformer")
 SUBSTITUTES = "tiny,fp32,torch-scan,workers0"
 # Stage 2 recipe -> the Stage 1 recipe whose output is its init_from
-STAGE1_OF = {"stage2_finetune": "stage1_align", "families/stage2_finetune_falcon_h1": "families/stage1_align_falcon_h1"}
+STAGE1_OF = {
+    "stage2_finetune": "stage1_align",
+    "stage2_finetune_study": "stage1_align_study",
+    "families/stage2_finetune_falcon_h1": "families/stage1_align_falcon_h1",
+}
 # recipe -> extra overrides of a row variant (id suffix, overrides)
 # (8-bit + Q-Former is the low_vram qformer row: one int8 variant is enough)
 VARIANTS = {("stage1_align", "mlp"): [("int8", {"llm_8bit": True})]}
@@ -71,7 +78,7 @@ def _rows():
             for suffix, extra in variants:
                 quant = recipe.get("llm_8bit") or extra.get("llm_8bit")
                 family = f",tiny-{FAMILY_LM[name]}" if name in FAMILY_LM else ""
-                subs = SUBSTITUTES + (",bnb-cpu" if quant else "") + family
+                subs = SUBSTITUTES + (",bnb-cpu" if quant else "") + family + (",studies-4" if _studies(recipe) else "")
                 tag = "-".join(filter(None, [name.replace("/", "."), bridge, suffix]))
                 rows.append(pytest.param(name, bridge, extra, id=f"{tag}[{subs}]"))
     return rows
@@ -114,6 +121,35 @@ def matrix(tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     return {"root": root, "assets": assets, "folder": folder, "refs": refs, "runs": {}, "lms": {}}
+
+
+def _studies(recipe: dict) -> bool:
+    """A study recipe on real data (tiny_demo_3d brings its own synthetic studies)."""
+    return bool(recipe.get("studies")) and not recipe.get("synthetic_data")
+
+
+def _study_data(matrix) -> dict:
+    """8 train / 4 eval synthetic NIfTI studies (micro image size), a folder and a CSV of two, once."""
+    if "studies" not in matrix:
+        from hf_vlm.presets import tiny_vision_config
+        from hf_vlm.synthetic_volumes import make_synthetic_studies
+
+        root, size = matrix["root"] / "study_data", tiny_vision_config(ASSET_SETTINGS["tiny_preset"]).image_size
+        train = make_synthetic_studies(str(root), 8, seed=0, image_size=size, split="train")
+        evals = make_synthetic_studies(str(root), 4, seed=1, image_size=size, split="eval")
+        with open(evals, encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))[:2]
+        folder = root / "held_out"
+        folder.mkdir()
+        for row in rows:
+            shutil.copy(row["image_path"], folder)
+        refs = root / "refs.csv"
+        with open(refs, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        matrix["studies"] = {"train": train, "eval": evals, "folder": folder, "refs": refs, "size": size}
+    return matrix["studies"]
 
 
 def _family_lm(matrix, model_type: str) -> str:
@@ -167,6 +203,16 @@ def _overrides(matrix, name: str, bridge: str, extra: dict, out: Path) -> dict:
         overrides["bridge_type"] = bridge
     if name in FAMILY_LM:
         overrides["language_model_name_or_path"] = _family_lm(matrix, FAMILY_LM[name])
+    if _studies(recipe):  # Stage 1 and Stage 2 rows get the same study settings (init_from's processor)
+        data = _study_data(matrix)
+        overrides.update(
+            train_file=data["train"],
+            eval_file=data["eval"],
+            study_num_slices=4,
+            study_image_size=data["size"],
+            study_depth_tokens=4,
+            vision_feature_cache=matrix["root"] / "feature_cache",
+        )
     return {**overrides, **extra}
 
 
@@ -211,6 +257,8 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
     from hf_vlm.cli import main
 
     row = f"{name}-{bridge}" + ("-int8" if extra else "")
+    studies = _studies(_read_recipe(name))
+    inputs = _study_data(matrix) if studies else matrix
     checkpoint = _trained(matrix, name, bridge, extra)
     _step(row, "train")
     record = json.loads((Path(checkpoint) / "hf_vlm_checkpoint.json").read_text(encoding="utf-8"))
@@ -225,7 +273,7 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
                 "--checkpoint",
                 checkpoint,
                 "--images",
-                str(matrix["folder"]),
+                str(inputs["folder"]),
                 "--output",
                 str(folder_out),
                 *GEN,
@@ -234,7 +282,7 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
         == 0
     )
     assert (
-        main(["generate", "--checkpoint", checkpoint, "--images", str(matrix["refs"]), "--output", str(csv_out), *GEN])
+        main(["generate", "--checkpoint", checkpoint, "--images", str(inputs["refs"]), "--output", str(csv_out), *GEN])
         == 0
     )
     for path in (folder_out, csv_out):
@@ -244,7 +292,7 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
 
     metrics = tmp_path / "metrics.json"
     assert (
-        main(["eval", "--predictions", str(csv_out), "--references", str(matrix["refs"]), "--output", str(metrics)])
+        main(["eval", "--predictions", str(csv_out), "--references", str(inputs["refs"]), "--output", str(metrics)])
         == 0
     )
     scores = json.loads(metrics.read_text(encoding="utf-8"))
@@ -252,9 +300,14 @@ def test_recipe_end_to_end(matrix, name, bridge, extra, monkeypatch, tmp_path):
     _step(row, "eval")
 
     fn = _serve_callback(checkpoint, monkeypatch)
-    image = sorted(matrix["folder"].iterdir())[0]
-    steps = list(fn(str(image), None, "", 12, 1.0, 0, 1, False, 1.0, 1.0))
-    assert steps and steps[-1].strip()
+    image = sorted(inputs["folder"].iterdir())[0]
+    if studies:  # a NIfTI through the file widget: (report, slice strip) with the 4 slices the model saw
+        steps = list(fn(None, str(image), "", 12, 1.0, 0, 1, False, 1.0, 1.0))
+        assert len(steps[0][1]) == 4 and steps[-1][0].strip()
+    else:
+        steps = list(fn(str(image), None, "", 12, 1.0, 0, 1, False, 1.0, 1.0))
+        report = steps[-1][0] if isinstance(steps[-1], tuple) else steps[-1]  # study checkpoints: + the strip
+        assert steps and report.strip()
     _step(row, "serve")
 
     _, argv = matrix["runs"][(name, bridge, json.dumps(extra, sort_keys=True))]

@@ -16,6 +16,7 @@ ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 def test_the_documented_recipes_and_configs_exist():
     names = {p.stem for p in RECIPES}
     assert {"stage1_align", "stage2_finetune", "low_vram", "from_scratch", "tiny_demo"} <= names
+    assert {"tiny_demo_3d", "stage1_align_study", "stage2_finetune_study"} <= names
     configs = {p.stem for p in ACCELERATE_CONFIGS}
     assert {"cpu", "cpu_2proc", "single_gpu_bf16", "multi_gpu_ddp", "fsdp", "deepspeed_zero2"} <= configs
 
@@ -39,6 +40,12 @@ def test_every_recipe_parses_into_the_dataclasses(path):
         assert model_args.language_model_name_or_path == "state-spaces/mamba-2.8b-hf"
         assert model_args.vision_model_name_or_path == "openai/clip-vit-large-patch14"
         assert data_args.max_length == model_args.max_visual_tokens + (256 if path.stem == "low_vram" else 512)
+    if path.stem.endswith("_study"):  # the 2-D recipe on studies: 32 lung slices -> 16 z bins x 4x4 tokens
+        settings = data_args.study_preprocessing()
+        assert settings.slice_sampling == "uniform" and settings.num_slices == 32 and settings.extent == "lung"
+        assert {w.name for w in settings.windows} == {"lung", "mediastinum"} and settings.image_size == 224
+        assert model_args.max_visual_tokens == 256 and model_args.study_depth_tokens == 16
+        assert model_args.slice_position_embedding and data_args.vision_feature_cache
     if path.stem == "low_vram":
         assert model_args.llm_8bit and model_args.max_visual_tokens == 64
         assert training_args.gradient_accumulation_steps > 1 and training_args.activation_checkpointing
