@@ -204,6 +204,45 @@ def test_slice_selection_and_relative_z(tmp_path, kwargs, indices, extent):
     assert study.z.tolist() == pytest.approx([(i - extent[0] + 0.5) / (extent[1] - extent[0]) for i in indices])
 
 
+def test_mip_slabs_project_each_slab_and_keep_a_one_slice_nodule(tmp_path):
+    """`mip`: the extent cut into num_slices equal slabs, each its maximum-intensity projection."""
+    path = graded_volume(tmp_path)  # slice k of the body (2..11) holds 10*k HU: the MIP of a slab is its top slice
+    study = load_study(path, StudyPreprocessing(windows="W2000/L0", slice_sampling="mip", num_slices=3))
+    assert study.extent == (2, 12) and study.num_slices == 3
+    assert taken(study) == [4, 7, 11]  # slabs [2,5) [5,8) [8,12): brightest (= last) slice of each
+    assert list(study.slice_indices) == [3, 6, 9]  # each slab's centre slice
+    assert study.z.tolist() == pytest.approx([0.15, 0.45, 0.8])  # slab centres, relative to the extent
+    # a bright voxel on ONE slice survives in its slab (a uniform sample of 3 slices would miss it)
+    data = np.full((16, 16, 12), -1000.0)
+    data[2:14, 2:14, :] = 40.0  # body wall
+    data[4:12, 4:12, :] = -850.0  # lung
+    data[5, 10, 7] = 80.0  # slab [4, 8); uniform takes slices 2, 6, 10
+    nodule = write_nifti(tmp_path / "n.nii.gz", data, np.diag([1.0, 1.0, 5.0, 1.0]))
+    settings = {"windows": "lung", "crop": "none"}
+    mip = load_study(nodule, StudyPreprocessing(slice_sampling="mip", num_slices=3, **settings))
+    uniform = load_study(nodule, StudyPreprocessing(slice_sampling="uniform", num_slices=3, **settings))
+    lung_v, nodule_v = (-850 + 1350) / 1500, (80 + 1350) / 1500
+    assert mip.extent == (0, 12) and uniform.slice_indices == (2, 6, 10)
+    lung_max = [float(x[:, 5:11, 5:11].max()) for x in mip.pixels]  # inside the lung, away from the wall
+    assert lung_max == pytest.approx([lung_v, nodule_v, lung_v])
+    assert float(uniform.pixels[:, :, 5:11, 5:11].max()) == pytest.approx(lung_v)
+    # more slabs than slices: one slice each, the same pixels as `all`
+    every = load_study(path, StudyPreprocessing(windows="W2000/L0", slice_sampling="all"))
+    many = load_study(path, StudyPreprocessing(windows="W2000/L0", slice_sampling="mip", num_slices=50))
+    assert torch.equal(many.pixels, every.pixels) and many.z.tolist() == pytest.approx(every.z.tolist())
+    # PNG slices of one study: the same slabs over the listed slices
+    files = []
+    for k in range(4):
+        arr = np.zeros((6, 6), np.uint8)
+        arr[1, k] = 200 + k
+        files.append(str(tmp_path / f"s{k}.png"))
+        Image.fromarray(arr).save(files[-1])
+    raster = load_study(";".join(files), StudyPreprocessing(slice_sampling="mip", num_slices=2, channels=1))
+    assert raster.num_slices == 2 and raster.z.tolist() == pytest.approx([0.25, 0.75])
+    assert (raster.pixels[0, 0, 1, :2] * 255).round().tolist() == [200, 201]  # slab [0,2) keeps both bright voxels
+    assert (raster.pixels[1, 0, 1, 2:4] * 255).round().tolist() == [202, 203]
+
+
 def test_lung_extent_and_fallback(tmp_path):
     path = graded_volume(tmp_path, lung=(5, 9))
     study = load_study(path, StudyPreprocessing(windows="W2000/L0", slice_sampling="all", extent="lung"))
@@ -267,7 +306,7 @@ def test_settings_validation_round_trip_and_fingerprint():
     assert StudyPreprocessing(windows=(-600, 1500)).windows[0].name == "lung"  # one (level, width) pair
     assert parse_window("W350/L40.5") == parse_window((40.5, 350)) and parse_window("W350/L40.5").name is None
     for kwargs, message in [
-        ({"slice_sampling": "random"}, "uniform, all, stride, middle"),
+        ({"slice_sampling": "random"}, "uniform, all, stride, middle, mip"),
         ({"extent": "chest"}, "body, lung, full"),
         ({"crop": "yes"}, "body, none"),
         ({"windows": "soft"}, "lung, mediastinum, bone"),

@@ -265,6 +265,8 @@ def slices_per_row(data_args) -> tuple[int, str]:
     settings = data_args.study_preprocessing()
     if settings.slice_sampling == "uniform":
         return settings.num_slices, f"uniform over the {settings.extent} extent"
+    if settings.slice_sampling == "mip":
+        return settings.num_slices, f"slab MIPs of the {settings.extent} extent"
     if settings.slice_sampling == "middle":
         return 1, "the middle slice"
     stride = settings.slice_stride if settings.slice_sampling == "stride" else 1

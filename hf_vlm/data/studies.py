@@ -105,9 +105,29 @@ def middle_slice_index(num_slices: int) -> int:
     return sample_indices(num_slices, 1)[0]
 
 
-def select_slices(settings: StudyPreprocessing, start: int, stop: int, num_volume_slices: int) -> list[int]:
-    """Indices the sampling takes from the extent [start, stop) of a volume of `num_volume_slices`."""
+def slab_ranges(start: int, stop: int, num_slabs: int) -> list[tuple[int, int]]:
+    """`mip` sampling: the extent [start, stop) cut into `num_slabs` equal, contiguous slabs
+    (one slice each when the extent has fewer slices)."""
     n = stop - start
+    if num_slabs >= n:
+        return [(start + i, start + i + 1) for i in range(n)]
+    cuts = [start + (k * n) // num_slabs for k in range(num_slabs + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _project_slabs(stack: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """`(n, ...)` slices -> `(len(ranges), ...)` maximum-intensity projections of each slab.
+
+    Applied to HU before windowing: a CT window is monotonic, so MIP then window equals window then MIP."""
+    return torch.stack([stack[a:b].amax(0) for a, b in ranges])
+
+
+def select_slices(settings: StudyPreprocessing, start: int, stop: int, num_volume_slices: int) -> list[int]:
+    """Indices the sampling takes from the extent [start, stop) of a volume of `num_volume_slices`
+    (for `mip`: the centre slice of each slab)."""
+    n = stop - start
+    if settings.slice_sampling == "mip":
+        return [(a + b - 1) // 2 for a, b in slab_ranges(start, stop, settings.num_slices)]
     if settings.slice_sampling == "middle":
         return [middle_slice_index(num_volume_slices)]
     if settings.slice_sampling == "uniform":
@@ -401,7 +421,14 @@ def _volume_study(
     if settings.crop == "body":
         data = _plain(SpatialCrop(roi_start=(start[0], start[1], 0), roi_end=(end[0], end[1], depth))(data))
     indices = select_slices(settings, extent[0], extent[1], depth)
-    picked = _square_resize(data[0, :, :, indices].permute(2, 0, 1), settings.image_size, AIR_HU)  # (S, x, y)
+    if settings.slice_sampling == "mip":
+        ranges = slab_ranges(extent[0], extent[1], settings.num_slices)
+        slices = _project_slabs(data[0].permute(2, 0, 1), ranges)  # (S, x, y) slab MIPs
+        z = torch.tensor([((a + b) / 2 - extent[0]) / (extent[1] - extent[0]) for a, b in ranges])
+    else:
+        slices = data[0, :, :, indices].permute(2, 0, 1)
+        z = torch.tensor([(i - extent[0] + 0.5) / (extent[1] - extent[0]) for i in indices], dtype=torch.float32)
+    picked = _square_resize(slices, settings.image_size, AIR_HU)  # (S, x, y)
     channels = torch.stack(
         [
             _plain(ScaleIntensityRange(a_min=w.low, a_max=w.high, b_min=0.0, b_max=1.0, clip=True)(picked))
@@ -411,7 +438,6 @@ def _volume_study(
     )
     channels = channels.expand(-1, settings.channels, -1, -1) if len(settings.windows) == 1 else channels
     pixels = channels.transpose(-1, -2).flip(-2, -1).contiguous().float()  # (S, C, H=y, W=x), radiological
-    z = torch.tensor([(i - extent[0] + 0.5) / (extent[1] - extent[0]) for i in indices], dtype=torch.float32)
     return Study(pixels, z, tuple(indices), depth, spacing, tuple(extent), used, source, settings)
 
 
@@ -427,11 +453,16 @@ def _raster_study(paths: list[Path], settings: StudyPreprocessing, max_image_pix
         arrays = [np.repeat(np.asarray(im.convert("L"))[..., None], settings.channels, axis=-1) for im in images]
     stack = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (n, C, H, W)
     indices = select_slices(settings, 0, len(paths), len(paths))
-    picked = stack[indices]
+    if settings.slice_sampling == "mip":
+        ranges = slab_ranges(0, len(paths), settings.num_slices)
+        picked = _project_slabs(stack, ranges)
+        z = torch.tensor([(a + b) / 2 / len(paths) for a, b in ranges], dtype=torch.float32)
+    else:
+        picked = stack[indices]
+        z = torch.tensor([(i + 0.5) / len(paths) for i in indices], dtype=torch.float32)
     s, c, h, w = picked.shape
     if settings.image_size:
         picked = _square_resize(picked.reshape(s * c, h, w), settings.image_size, 0.0).reshape(
             s, c, settings.image_size, settings.image_size
         )
-    z = torch.tensor([(i + 0.5) / len(paths) for i in indices], dtype=torch.float32)
     return Study(picked.contiguous(), z, tuple(indices), len(paths), None, (0, len(paths)), "full", source, settings)

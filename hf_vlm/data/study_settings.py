@@ -24,7 +24,7 @@ from .images import WINDOW_PRESETS
 
 # Bump when the loading / preprocessing code changes what pixels a setting produces.
 STUDY_PREPROCESSING_VERSION = 1
-SLICE_SAMPLINGS = ("uniform", "all", "stride", "middle")
+SLICE_SAMPLINGS = ("uniform", "all", "stride", "middle", "mip")
 EXTENTS = ("body", "lung", "full")
 CROPS = ("body", "none")
 _NUM = r"\s*([-+]?\d+(?:\.\d*)?)\s*"
@@ -99,8 +99,11 @@ class StudyPreprocessing:
         channels: channels per slice given to the image processor (3 for RGB towers).
         slice_sampling: `uniform` (`num_slices` slices at the centres of equal bins of the
             extent), `all` slices of the extent, every `slice_stride`-th slice, or `middle`
-            (the volume's middle slice, ignoring `extent`: the old one-slice behaviour).
-        num_slices: slices taken by `uniform` (fewer when the extent has fewer).
+            (the volume's middle slice, ignoring `extent`: the old one-slice behaviour), or `mip`:
+            the extent cut into `num_slices` equal slabs, each given as its maximum-intensity
+            projection (the slab MIPs radiologists read nodules on: a 4 mm nodule on one 5 mm
+            slice of a 40 mm slab stays as bright as on its slice; docs/architecture.md "Studies").
+        num_slices: slices taken by `uniform`, slabs made by `mip` (fewer when the extent has fewer).
         slice_stride: step of `stride`.
         extent: z range sampled: slices holding `body` (voxels > -500 HU), `lung`
             (lung-density voxels; falls back to `body` when there are none) or the `full` volume.
@@ -190,7 +193,7 @@ class StudyPreprocessing:
         }
         if self.slice_sampling != "middle":
             out["extent"] = self.extent
-        if self.slice_sampling == "uniform":
+        if self.slice_sampling in ("uniform", "mip"):
             out["num_slices"] = self.num_slices
         if self.slice_sampling == "stride":
             out["slice_stride"] = self.slice_stride

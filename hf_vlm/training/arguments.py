@@ -141,9 +141,10 @@ class DataArguments:
         "Studies: CT windows, one per channel or one repeated (lung, mediastinum, bone or 'W1500/L-600').",
         default_factory=lambda: ["lung"],
     )
-    study_num_slices: int = _help("Studies: slices taken by slice_sampling 'uniform'.", default=32)
+    study_num_slices: int = _help("Studies: slices taken by slice_sampling 'uniform', slabs made by 'mip'.", default=32)
     study_slice_sampling: str = _help(
-        "Studies: uniform, all, stride or middle (the old one-slice loader).", default="uniform"
+        "Studies: uniform, all, stride, middle (the old one-slice loader) or mip (num_slices slab MIPs).",
+        default="uniform",
     )
     study_slice_stride: int = _help("Studies: step of slice_sampling 'stride'.", default=2)
     study_extent: str = _help("Studies: z range sampled: body, lung or full.", default="body")
