@@ -1,7 +1,8 @@
 """Run under `accelerate launch --config_file accelerate_configs/fsdp_cpu_2proc.yaml` by tests/test_fsdp.py.
 
 Two tiny FSDP2 trainings in the same two CPU processes: (A) a clean run whose optimizer groups,
-guard trips, final logits and inputs are written to `result.json` / `logits.pt`; (B) the same
+guard trips, train-time vision probe (rank-local losses and the logged gap), final logits and
+inputs are written to `result_<rank>.json` / `logits.pt`; (B) the same
 run with a NaN injected into rank 1's bridge output from step 3 on (only one rank sees it).
 """
 
@@ -28,6 +29,32 @@ class RecordGroups(TrainerCallback):
             for g in optimizer.param_groups
         ]
         self.trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+class RecordProbe(TrainerCallback):
+    """Rank-local probe losses (wrapping `TrainVisionProbe.observe_batch`) and the logged, gathered gap."""
+
+    def __init__(self):
+        from hf_vlm.training.health import TrainVisionProbe
+
+        self.local, self.logged = [], []  # in step order: one probe per step, logged every step
+        original = TrainVisionProbe.observe_batch
+
+        def observe(probe, args, state, control, inputs, model):
+            out = original(probe, args, state, control, inputs, model)
+            if out is not None:
+                self.local.append([float(out[k]) for k in probe.KEYS[:2]])
+            return out
+
+        TrainVisionProbe.observe_batch = observe
+        self._restore = lambda: setattr(TrainVisionProbe, "observe_batch", original)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()  # run B is not recorded
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "train_vision_gap" in logs:
+            self.logged.append(logs["train_vision_gap"])
 
 
 class NanOnRank1(TrainerCallback):
@@ -71,10 +98,11 @@ def main(root: str, assets: str) -> None:
         "save_strategy": "steps",
         "save_steps": 1,
         "freeze_check_steps": 2,
+        "vision_probe_steps": 1,
     }
-    record = RecordGroups()
+    record, probe = RecordGroups(), RecordProbe()
     a = train_from_recipe(
-        "tiny_demo", {**common, "max_steps": 3, "output_dir": os.path.join(root, "a")}, callbacks=[record]
+        "tiny_demo", {**common, "max_steps": 3, "output_dir": os.path.join(root, "a")}, callbacks=[record, probe]
     )
     model, processor = a["model"], a["processor"]
     image = sorted(
@@ -111,6 +139,8 @@ def main(root: str, assets: str) -> None:
         "b_saved": b["saved"],
         "b_finite": finite,
         "b_trips": b["guard_trips"],
+        "probe_local": probe.local,
+        "probe_logged": probe.logged,
     }
     with open(os.path.join(root, f"result_{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)

@@ -101,6 +101,15 @@ def test_two_process_fsdp2_training_on_cpu(tmp_path):
         # (3) NaN on rank 1 only: both ranks stop at step 3, nothing final, checkpoint-1 is the last good one
         assert result["b_nonfinite_step"] == 3 and result["b_step"] == 3 and not result["b_saved"]
         assert result["b_finite"] and result["b_last_good"] == str(root / "b" / "checkpoint-1")
+    # (5) the train-time vision probe is global: every rank logs the same gap, the mean over ranks of
+    # the rank-local (shuffled - true) losses, and the ranks' own gaps differ (so rank-local would show)
+    logged = [r["probe_logged"] for r in results]
+    assert logged[0] and logged[0] == logged[1], logged
+    local_gaps = [[shuffled - true for true, shuffled in r["probe_local"]] for r in results]
+    assert len(logged[0]) == len(local_gaps[0]) == len(local_gaps[1]) == 3, (logged, local_gaps)
+    for gap, rank0, rank1 in zip(logged[0], *local_gaps):
+        assert gap == pytest.approx((rank0 + rank1) / 2, abs=1e-6), (logged, local_gaps)
+    assert any(abs(rank0 - rank1) > 1e-6 for rank0, rank1 in zip(*local_gaps)), local_gaps
     assert not (root / "b" / "model.safetensors").exists()
     rejected = json.loads((root / "b" / "checkpoint-2" / "hf_vlm_rejected.json").read_text(encoding="utf-8"))
     assert "NaN/Inf loss or gradient at step 3" in rejected["rejected"]
