@@ -115,19 +115,29 @@ def slab_ranges(start: int, stop: int, num_slabs: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _project_slabs(stack: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
-    """`(n, ...)` slices -> `(len(ranges), ...)` maximum-intensity projections of each slab.
+def _take_slices(
+    stack: torch.Tensor, settings: StudyPreprocessing, start: int, stop: int, num_volume_slices: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`(n, ...)` slices -> the sampled `(S, ...)` slices, their relative z in [start, stop) and the
+    index of each one's (centre) slice.
 
-    Applied to HU before windowing: a CT window is monotonic, so MIP then window equals window then MIP."""
-    return torch.stack([stack[a:b].amax(0) for a, b in ranges])
+    Every sampling is a list of slabs: one slice each, or for `mip` the `slab_ranges`, given as
+    their maximum-intensity projection (of a one-slice slab: that slice). Applied to HU before
+    windowing: a CT window is monotonic, so MIP then window equals window then MIP. z is each
+    slab's centre."""
+    if settings.slice_sampling == "mip":
+        ranges = slab_ranges(start, stop, settings.num_slices)
+    else:
+        ranges = [(i, i + 1) for i in select_slices(settings, start, stop, num_volume_slices)]
+    picked = torch.stack([stack[a:b].amax(0) for a, b in ranges])
+    z = torch.tensor([((a + b) / 2 - start) / (stop - start) for a, b in ranges], dtype=torch.float32)
+    return picked, z, [(a + b - 1) // 2 for a, b in ranges]
 
 
 def select_slices(settings: StudyPreprocessing, start: int, stop: int, num_volume_slices: int) -> list[int]:
     """Indices the sampling takes from the extent [start, stop) of a volume of `num_volume_slices`
-    (for `mip`: the centre slice of each slab)."""
+    (single-slice samplings; `mip` slabs are `slab_ranges`)."""
     n = stop - start
-    if settings.slice_sampling == "mip":
-        return [(a + b - 1) // 2 for a, b in slab_ranges(start, stop, settings.num_slices)]
     if settings.slice_sampling == "middle":
         return [middle_slice_index(num_volume_slices)]
     if settings.slice_sampling == "uniform":
@@ -420,15 +430,8 @@ def _volume_study(
             extent, used = lung, "lung"
     if settings.crop == "body":
         data = _plain(SpatialCrop(roi_start=(start[0], start[1], 0), roi_end=(end[0], end[1], depth))(data))
-    indices = select_slices(settings, extent[0], extent[1], depth)
-    if settings.slice_sampling == "mip":
-        ranges = slab_ranges(extent[0], extent[1], settings.num_slices)
-        slices = _project_slabs(data[0].permute(2, 0, 1), ranges)  # (S, x, y) slab MIPs
-        z = torch.tensor([((a + b) / 2 - extent[0]) / (extent[1] - extent[0]) for a, b in ranges])
-    else:
-        slices = data[0, :, :, indices].permute(2, 0, 1)
-        z = torch.tensor([(i - extent[0] + 0.5) / (extent[1] - extent[0]) for i in indices], dtype=torch.float32)
-    picked = _square_resize(slices, settings.image_size, AIR_HU)  # (S, x, y)
+    slices, z, indices = _take_slices(data[0].permute(2, 0, 1), settings, extent[0], extent[1], depth)  # (S, x, y)
+    picked = _square_resize(slices, settings.image_size, AIR_HU)
     channels = torch.stack(
         [
             _plain(ScaleIntensityRange(a_min=w.low, a_max=w.high, b_min=0.0, b_max=1.0, clip=True)(picked))
@@ -452,14 +455,7 @@ def _raster_study(paths: list[Path], settings: StudyPreprocessing, max_image_pix
     else:
         arrays = [np.repeat(np.asarray(im.convert("L"))[..., None], settings.channels, axis=-1) for im in images]
     stack = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (n, C, H, W)
-    indices = select_slices(settings, 0, len(paths), len(paths))
-    if settings.slice_sampling == "mip":
-        ranges = slab_ranges(0, len(paths), settings.num_slices)
-        picked = _project_slabs(stack, ranges)
-        z = torch.tensor([(a + b) / 2 / len(paths) for a, b in ranges], dtype=torch.float32)
-    else:
-        picked = stack[indices]
-        z = torch.tensor([(i + 0.5) / len(paths) for i in indices], dtype=torch.float32)
+    picked, z, indices = _take_slices(stack, settings, 0, len(paths), len(paths))
     s, c, h, w = picked.shape
     if settings.image_size:
         picked = _square_resize(picked.reshape(s * c, h, w), settings.image_size, 0.0).reshape(
