@@ -109,18 +109,23 @@ def matrix(tmp_path_factory):
         ),
     ]
     assert main(seed_run) == 0
-    with open(assets / "data" / "eval.csv", encoding="utf-8", newline="") as handle:
+    folder, refs = _held_out_inputs(assets / "data" / "eval.csv", root / "images", root / "refs.csv")
+    return {"root": root, "assets": assets, "folder": folder, "refs": refs, "runs": {}, "lms": {}}
+
+
+def _held_out_inputs(eval_csv, folder, refs):
+    """The first two rows of `eval_csv` as generate's inputs: their images copied into `folder`
+    and the rows themselves written to the CSV `refs`."""
+    with open(eval_csv, encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))[:2]
-    folder = root / "images"
     folder.mkdir()
     for row in rows:
         shutil.copy(row["image_path"], folder)
-    refs = root / "refs.csv"
     with open(refs, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return {"root": root, "assets": assets, "folder": folder, "refs": refs, "runs": {}, "lms": {}}
+    return folder, refs
 
 
 def _studies(recipe: dict) -> bool:
@@ -137,17 +142,7 @@ def _study_data(matrix) -> dict:
         root, size = matrix["root"] / "study_data", tiny_vision_config(ASSET_SETTINGS["tiny_preset"]).image_size
         train = make_synthetic_studies(str(root), 8, seed=0, image_size=size, split="train")
         evals = make_synthetic_studies(str(root), 4, seed=1, image_size=size, split="eval")
-        with open(evals, encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))[:2]
-        folder = root / "held_out"
-        folder.mkdir()
-        for row in rows:
-            shutil.copy(row["image_path"], folder)
-        refs = root / "refs.csv"
-        with open(refs, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        folder, refs = _held_out_inputs(evals, root / "held_out", root / "refs.csv")
         matrix["studies"] = {"train": train, "eval": evals, "folder": folder, "refs": refs, "size": size}
     return matrix["studies"]
 

@@ -228,24 +228,33 @@ def _screenshot(driver, tmp_path, name):
         shutil.copy(shot, target if name == "serve.png" else f"{os.path.splitext(target)[0]}_{name}")
 
 
-@pytest.mark.slow
-@needs_chromium
-def test_browser_upload_generate_and_read(served, server, tmp_path):
+def _upload_and_generate(driver, server, widget, path, uploaded_css, expected):
+    """Open the page, upload `path` through `widget`'s file input, wait until `uploaded_css` shows
+    it, click generate and wait for the report to reach `expected`; returns the report element."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
+    driver.get(server)
+    wait = WebDriverWait(driver, 60)
+    upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f"{widget} input[type=file]")))
+    upload.send_keys(str(path))
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, uploaded_css)))
+    wait.until(EC.element_to_be_clickable((By.ID, "generate"))).click()
+    report = driver.find_element(By.CSS_SELECTOR, "#report textarea")
+    _wait_for_value(report, expected)
+    return report
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_browser_upload_generate_and_read(served, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
     driver = _chromium(tmp_path)
     try:
-        driver.get(server)
-        wait = WebDriverWait(driver, 60)
-        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
-        upload.send_keys(str(served["image"]))
-        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
-        wait.until(EC.element_to_be_clickable((By.ID, "generate"))).click()
         expected = expected_report(served, max_new_tokens=128)  # the page's default
-        report = driver.find_element(By.CSS_SELECTOR, "#report textarea")
-        _wait_for_value(report, expected)
+        report = _upload_and_generate(driver, server, "#image", served["image"], "#image img", expected)
         _screenshot(driver, tmp_path, "serve.png")
         assert report.get_attribute("value") == expected
         assert not driver.find_elements(By.ID, "slices")  # 2-D checkpoints: no slice strip
@@ -258,21 +267,15 @@ def test_browser_upload_generate_and_read(served, server, tmp_path):
 def test_browser_study_upload_shows_the_slices_and_the_report(study_served, study_server, tmp_path):
     """A .nii.gz through the file widget: the report streams in and the strip shows the S slices."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = _chromium(tmp_path)
     try:
-        driver.get(study_server)
-        wait = WebDriverWait(driver, 60)
-        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#file input[type=file]")))
-        upload.send_keys(str(study_served["nifti"]))
-        uploaded = f'#file td.filename[aria-label="{study_served["nifti"].name}"]'
-        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, uploaded)))
-        wait.until(EC.element_to_be_clickable((By.ID, "generate"))).click()
+        nifti = study_served["nifti"]
         expected = expected_study_report(study_served, max_new_tokens=128)  # the page's default
-        report = driver.find_element(By.CSS_SELECTOR, "#report textarea")
-        _wait_for_value(report, expected)
+        uploaded = f'#file td.filename[aria-label="{nifti.name}"]'
+        report = _upload_and_generate(driver, study_server, "#file", nifti, uploaded, expected)
+        wait = WebDriverWait(driver, 60)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#slices img")) >= study_served["slices"])
         _screenshot(driver, tmp_path, "serve_study.png")
         assert report.get_attribute("value") == expected and expected
