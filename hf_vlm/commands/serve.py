@@ -179,7 +179,7 @@ def _study_line(study) -> str:
     """The header's note on a study checkpoint's preprocessing ('' for 2-D checkpoints)."""
     if study is None:
         return ""
-    count = f"{study.num_slices} " if study.slice_sampling == "uniform" else ""
+    count = f"{study.num_slices} " if study.slice_sampling in ("uniform", "mip") else ""
     windows = "+".join(w.name or f"W{w.width:g}/L{w.level:g}" for w in study.windows)
     return f" · studies: {count}{study.slice_sampling} slices over the {study.extent} extent, {windows} window(s)"
 
