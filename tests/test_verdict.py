@@ -295,3 +295,24 @@ def test_healthy_gap_is_never_a_leak_however_low_the_loss_and_a_vanishing_gap_is
     assert health.decide()[0] == "collapse"
     health.probes = health.probes[-2:]  # never a gap, loss ~0.01 with and without the image
     assert health.decide()[0] == "leak"
+
+
+def test_one_noisy_probe_is_not_a_gap_that_collapsed():
+    """The 3-D demo's probes scatter by +-0.03-0.05 around zero when the model is blind: a lone 0.08
+    followed by two ~0 probes stopped runs as "collapse". Two clear probes, or one >= 5x min_gap, are."""
+    health = TrainingHealth("warn")
+    health.losses = [(s, 0.8) for s in range(1, 60)]
+
+    def probes(*gaps):
+        return [
+            {"gap": g, "rel": g / 0.8, "true": 0.8 - g, "shuffled": 0.8, "spread": 0.5, "step": 10 * (i + 1)}
+            for i, g in enumerate(gaps)
+        ]
+
+    health.probes = probes(-0.05, 0.081, 0.0075, -0.0008)
+    assert health.decide()[0] == "learning"
+    health.probes = probes(0.03, 0.081, 0.005, -0.0008)  # two clear probes: the gap was there
+    assert health.decide()[0] == "collapse"
+    health.probes = probes(0.245, -0.0006, -0.0014)  # one probe far above the threshold (10x min_gap)
+    code, line = health.decide()
+    assert code == "collapse" and "down from 0.245" in line

@@ -9,7 +9,7 @@ problem verdict appears, trips with what to do; `guard_action` decides warn or s
 | code | when | |
 |---|---|---|
 | `nan` | a NaN/Inf loss, gradient or weight (the CollapseGuard stops the run) | fail |
-| `collapse` | a clear gap fell below `collapse_gap_fraction` of its peak, or visual_std collapsed | fail |
+| `collapse` | an established gap fell under `collapse_gap_fraction` of it, or visual_std collapsed | fail |
 | `healthy` | a clear gap (however low the loss; a plateau then means converged) | pass |
 | `blind` | every image of the probed batch is the same (constant / black images) | fail |
 | `leak` | the probed loss is below `suspicious_loss` with AND without the true image | fail |
@@ -28,6 +28,7 @@ import math
 
 from .guards import Guard
 
+SINGLE_PROBE_PEAK = 5  # x min_gap: one probe this far above the threshold establishes a gap on its own
 PROBLEMS = ("nan", "collapse", "blind", "leak", "not_learning")
 NOT_LEARNING_EXIT_CODE = 4  # `hf-vlm train` exit status when the not-learning verdict stopped the run
 
@@ -143,6 +144,18 @@ class TrainingHealth(Guard):
     def trend(self) -> dict | None:
         return plateau(self.losses, self._window, self._logging, self._warmup, self.min_improvement)
 
+    def _established_peak(self) -> dict | None:
+        """The gap a collapse is measured against: the second-highest clear probe, or the highest when
+        it alone is >= `SINGLE_PROBE_PEAK` x min_gap. One probe is one batch: on the 3-D demo its
+        gap scattered by +-0.03-0.05 around zero, and a lone 0.08 followed by two ~0 probes is noise,
+        not a model that saw and then stopped seeing (that stopped runs as "collapse")."""
+        clear = sorted((p for p in self.probes if self._clear(p["gap"], p["rel"])), key=lambda p: p["gap"])
+        if not clear:
+            return None
+        if clear[-1]["gap"] >= SINGLE_PROBE_PEAK * self.min_gap:
+            return clear[-1]
+        return clear[-2] if len(clear) >= 2 else None
+
     # --- the verdict -----------------------------------------------------------------------------
     def decide(self) -> tuple[str, str]:
         """(code, one line with the numbers) from what was seen so far."""
@@ -162,12 +175,11 @@ class TrainingHealth(Guard):
         if last is None:
             return "pending", "no vision probe yet" + trend_text
         gap_text = f"train_vision_gap {last['gap']:.3g} (rel {last['rel']:.1%}) at step {last['step']}"
-        peak = max(self.probes, key=lambda p: p["gap"])
-        recent = self.probes[-2:]
+        peak, recent = self._established_peak(), self.probes[-2:]
         if self._std_collapsed() or (
-            self._clear(peak["gap"], peak["rel"])
+            peak is not None
             and len(recent) == 2
-            and peak is not recent[-1]
+            and all(p["step"] > peak["step"] for p in recent)
             and all(
                 p["gap"] < self.collapse_fraction * peak["gap"] and not self._clear(p["gap"], p["rel"]) for p in recent
             )
