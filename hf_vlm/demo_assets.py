@@ -108,11 +108,15 @@ def build_demo_assets(
     seed: int = 0,
     studies: bool = False,
     lm_family: str = "mamba",
+    tower_steps: int = 0,
+    tower_settings: dict | None = None,
 ) -> DemoAssets:
     """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`.
 
     `studies`: the data are synthetic CT volumes (NIfTI, `hf_vlm.synthetic_volumes`) whose reports
-    state side, lobe, size and level of a nodule that is rarely on the middle slice."""
+    state side, lobe, size and level of a nodule that is rarely on the middle slice. `tower_steps` > 0
+    pretrains the tiny ViT to mark nodule patches on slices preprocessed with `tower_settings`
+    (`hf_vlm.synthetic_tower`)."""
     torch.manual_seed(seed)
     random.seed(seed)
     data_dir = os.path.join(out_dir, "data")
@@ -139,7 +143,12 @@ def build_demo_assets(
     processor.save_pretrained(processor_path)
 
     vision_path = os.path.join(out_dir, "vision_tower")
-    ViTModel(vision_cfg, add_pooling_layer=False).save_pretrained(vision_path)
+    tower = ViTModel(vision_cfg, add_pooling_layer=False)
+    if tower_steps:
+        from .synthetic_tower import pretrain_lesion_tower
+
+        pretrain_lesion_tower(tower, tower_settings, seed=seed, steps=tower_steps)
+    tower.save_pretrained(vision_path)
 
     llm_path = os.path.join(out_dir, "mamba_lm")
     # any family of hf_vlm.backbones (`tiny_lm_family`); the directory name is kept for old records

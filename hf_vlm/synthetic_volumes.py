@@ -124,10 +124,17 @@ def draw_study_facts(rng: np.random.Generator) -> tuple[str, str, int, str]:
 
 
 def draw_study(
-    rng: np.random.Generator, size: int = 64, pixel_mm: float = 1.5, slice_mm: float = 5.0, noise_hu: float = 12.0
+    rng: np.random.Generator,
+    size: int = 64,
+    pixel_mm: float = 1.5,
+    slice_mm: float = 5.0,
+    noise_hu: float = 12.0,
+    with_nodule: bool = True,
 ):
     """One study: (HU volume (X, Y, Z) int16, RAS affine, `StudyFacts`). The noise is most of the
-    file size (gzip): about 180 KB a study at 12 HU, 17 KB without noise."""
+    file size (gzip): about 180 KB a study at 12 HU, 17 KB without noise. `with_nodule=False` draws
+    the same study (same rng stream, same noise) without its nodule: the difference is the lesion
+    (`hf_vlm.synthetic_tower`)."""
     depth = int(rng.integers(SLICE_RANGE[0], SLICE_RANGE[1] + 1))
     below, above = int(rng.integers(2, 7)), int(rng.integers(2, 6))
     lung_slices = depth - below - above
@@ -155,7 +162,9 @@ def draw_study(
             break
     else:
         raise RuntimeError("could not place a nodule")  # not reached with these geometry constants
-    _add_nodule(vol, (ci, cj, ck), radius_mm, pixel_mm, slice_mm, float(rng.uniform(60, 100)))
+    nodule_hu = float(rng.uniform(60, 100))
+    if with_nodule:
+        _add_nodule(vol, (ci, cj, ck), radius_mm, pixel_mm, slice_mm, nodule_hu)
     vol += rng.normal(0.0, noise_hu, vol.shape).astype(np.float32)
     affine = np.diag([pixel_mm, pixel_mm, slice_mm, 1.0])
     affine[:3, 3] = [-(size - 1) / 2 * pixel_mm, -(size - 1) / 2 * pixel_mm, -(depth - 1) / 2 * slice_mm]

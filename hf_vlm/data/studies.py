@@ -190,6 +190,16 @@ def load_study(
     return _volume_study(volume, affine, settings, source, label, max_voxels)
 
 
+def preprocess_volume(
+    volume: np.ndarray, affine: np.ndarray, settings: StudyPreprocessing | dict | None = None
+) -> Study:
+    """An in-memory HU volume `(X, Y, Z)` with its affine -> the `Study` `load_study` gives for it as a file."""
+    if not isinstance(settings, StudyPreprocessing):
+        settings = StudyPreprocessing.from_dict(settings)
+    array = np.asarray(volume, dtype=np.float32)
+    return _volume_study(array, np.asarray(affine, dtype=np.float64), settings, "<array>", "<array>", MAX_STUDY_VOXELS)
+
+
 # --- DICOM ------------------------------------------------------------------------------------------
 def _folder_dicom_files(folder: Path) -> list[Path]:
     files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))

@@ -48,14 +48,26 @@ class SyntheticDataArguments:
             "2-D slices; use with studies: true (recipes/tiny_demo_3d.yaml)."
         },
     )
+    synthetic_tower_steps: int = field(
+        default=0,
+        metadata={
+            "help": "'Stage 0' for the tiny vision tower (synthetic_studies only): steps of marking nodule "
+            "patches on synthetic slices (hf_vlm.synthetic_tower), standing in for a pretrained CT encoder. "
+            "0 keeps the random tower."
+        },
+    )
     synthetic_dir: str | None = field(
         default=None,
         metadata={"help": "Where the synthetic assets go (default <output_dir>/assets); reused if present."},
     )
 
     def __post_init__(self):
-        if self.synthetic_train_rows < 1 or self.synthetic_eval_rows < 0 or self.synthetic_lm_steps < 0:
-            raise ValueError("synthetic_train_rows must be >= 1, synthetic_eval_rows and synthetic_lm_steps >= 0")
+        if min(self.synthetic_eval_rows, self.synthetic_lm_steps, self.synthetic_tower_steps) < 0:
+            raise ValueError("synthetic_eval_rows, synthetic_lm_steps and synthetic_tower_steps must be >= 0")
+        if self.synthetic_train_rows < 1:
+            raise ValueError("synthetic_train_rows must be >= 1")
+        if self.synthetic_tower_steps and not self.synthetic_studies:
+            raise ValueError("synthetic_tower_steps needs synthetic_studies: true (it trains on CT study slices)")
 
 
 def argument_classes() -> tuple[type, ...]:
