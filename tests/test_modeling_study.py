@@ -169,3 +169,50 @@ def test_two_d_checkpoint_loads_and_gives_the_same_logits(micro_config, micro_pr
         as_studies = study_processor(images=[[ct_images[0]], [ct_images[1]]], text=[None, None])
         assert as_studies["slice_counts"].tolist() == [1, 1]
         assert torch.equal(old(**as_studies).logits, reference)
+
+
+def test_train_probe_gives_each_row_the_next_whole_study_whatever_its_slice_count(micro_config, study_processor):
+    """The train-time vision probe on studies of S = 3, 5 and 8: its 'shuffled' loss is the loss of
+    the batch built with row i holding study i+1 (slices, count and z together). It used to roll
+    the flat slice tensor by N // rows, splicing two studies into one (or, when N % rows != 0,
+    falling back to a constant image): on the 3-D demo (`all` sampling, S = 22-42) that reported a
+    train gap of 0.1-0.25 for a model whose loss did not depend on the study (measured 8e-5)."""
+    from types import SimpleNamespace
+
+    from hf_vlm.training.health import TrainVisionProbe, _shift_images
+
+    model = _model(micro_config)
+    studies = [_slices(s, 10 + s) for s in (3, 5, 8)]
+    captions = ["右肺上叶见结节。", "左肺下叶见一约8mm结节。", "右肺中叶见结节，建议随访。"]
+    collate = DataCollatorForMambaVLM(pad_token_id=study_processor.tokenizer.pad_token_id)
+
+    def batch(order):
+        return collate([study_processor.encode_example(studies[j], None, c) for j, c in zip(order, captions)])
+
+    own, rolled = batch([0, 1, 2]), batch([1, 2, 0])
+    shifted = _shift_images(own, "pixel_values", None)
+    assert shifted["slice_counts"].tolist() == [5, 8, 3]
+    assert torch.equal(shifted["pixel_values"], rolled["pixel_values"])
+    assert torch.equal(shifted["slice_z"], rolled["slice_z"])
+
+    keys = ("input_ids", "attention_mask", "labels", "pixel_values", "slice_counts", "slice_z")
+    inputs = {k: own[k] for k in keys}
+    probed = TrainVisionProbe(every=1).observe_batch(None, SimpleNamespace(global_step=0), None, inputs, model)
+    with torch.no_grad():
+        expected_true = model(**inputs).loss
+        expected_shuffled = model(**{k: rolled[k] for k in keys}).loss
+    torch.testing.assert_close(probed["train_vision_loss_true"], expected_true)
+    torch.testing.assert_close(probed["train_vision_loss_shuffled"], expected_shuffled)
+    assert float(expected_shuffled - expected_true) != 0.0  # the studies differ, so the check can fail
+
+
+def test_probe_with_one_study_per_batch_uses_the_previous_study_of_another_slice_count(micro_config, study_processor):
+    from hf_vlm.training.health import _probe_images, _shift_images
+
+    collate = DataCollatorForMambaVLM(pad_token_id=study_processor.tokenizer.pad_token_id)
+    first = collate([study_processor.encode_example(_slices(4, 1), None, "右肺上叶见结节。")])
+    second = collate([study_processor.encode_example(_slices(6, 2), None, "左肺下叶见结节。")])
+    assert _shift_images(first, "pixel_values", None) is None  # nothing to compare with yet
+    shifted = _shift_images(second, "pixel_values", _probe_images(first, "pixel_values"))
+    assert shifted["slice_counts"].tolist() == [4] and shifted["pixel_values"].shape[0] == 4
+    assert torch.equal(shifted["slice_z"], first["slice_z"])
