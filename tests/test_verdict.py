@@ -316,3 +316,18 @@ def test_one_noisy_probe_is_not_a_gap_that_collapsed():
     health.probes = probes(0.245, -0.0006, -0.0014)  # one probe far above the threshold (10x min_gap)
     code, line = health.decide()
     assert code == "collapse" and "down from 0.245" in line
+
+
+def test_a_train_gap_without_a_held_out_gap_is_named_memorising_in_the_table():
+    """The 3-D demo after the probe fix: train_vision_gap 0.20 at the end, eval_vision_gap 0.008,
+    held-out reports identical to the blind baseline's."""
+    health = TrainingHealth("warn")
+    health.losses = [(s, 0.8 - 0.001 * s) for s in range(1, 60)]
+    probe = {"gap": 0.2, "rel": 0.25, "true": 0.6, "shuffled": 0.8, "spread": 0.5}
+    health.probes = [{**probe, "step": s} for s in (20, 40)]
+    health.eval_gap = 0.008
+    row = next(r for r in health.table() if r[0] == "eval vision gap")
+    assert row[2] == "warn" and "memorises" in row[1] and "0.2" in row[1]
+    health.eval_gap = 0.5  # the gap holds out of sample: no such text
+    row = next(r for r in health.table() if r[0] == "eval vision gap")
+    assert row == ("eval vision gap", "0.5", "pass")
