@@ -46,9 +46,11 @@ def _shift_images(batch: dict, key: str, previous: dict | None) -> dict | None:
             return {key: torch.roll(images, shifts=images.shape[0] // rows, dims=0)}
         order = [(i + 1) % rows for i in range(rows)]
         sizes = [int(c) for c in counts.tolist()]
-        out = {key: torch.cat([images.split(sizes)[i] for i in order]), "slice_counts": counts[order]}
+        studies = images.split(sizes)
+        out = {key: torch.cat([studies[i] for i in order]), "slice_counts": counts[order]}
         if batch.get("slice_z") is not None:
-            out["slice_z"] = torch.cat([batch["slice_z"].split(sizes)[i] for i in order])
+            z = batch["slice_z"].split(sizes)
+            out["slice_z"] = torch.cat([z[i] for i in order])
         return out
     same_kind = previous is not None and previous[key].shape[1:] == images.shape[1:]
     if same_kind and (counts is not None or previous[key].shape == images.shape):
