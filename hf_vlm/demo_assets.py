@@ -147,7 +147,14 @@ def build_demo_assets(
     if tower_steps:
         from .synthetic_tower import pretrain_lesion_tower
 
-        pretrain_lesion_tower(tower, tower_settings, seed=seed, steps=tower_steps)
+        pretrain_lesion_tower(
+            tower,
+            tower_settings,
+            image_mean=image_processor.image_mean,
+            image_std=image_processor.image_std,
+            seed=seed,
+            steps=tower_steps,
+        )
     tower.save_pretrained(vision_path)
 
     llm_path = os.path.join(out_dir, "mamba_lm")

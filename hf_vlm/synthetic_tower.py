@@ -66,6 +66,8 @@ def pretrain_lesion_tower(
     tower,
     settings,
     *,
+    image_mean,
+    image_std,
     seed: int = 0,
     steps: int = 300,
     batch_size: int = 64,
@@ -73,7 +75,8 @@ def pretrain_lesion_tower(
     num_studies: int = NUM_TRAINING_STUDIES,
 ) -> dict:
     """Train `tower` (a transformers ViTModel) in place to mark lesion patches at `feature_layer`
-    (the layer the VLM reads); returns the final loss and the held-out `patch_auc`."""
+    (the layer the VLM reads); returns the final loss and the held-out `patch_auc`. `image_mean` /
+    `image_std`: the per-channel normalisation of the image processor the VLM will use."""
     cfg = tower.config
     generator = torch.Generator().manual_seed(seed)
     pixels, masks = lesion_slices(settings, num_studies, seed=seed + 7919, image_size=cfg.image_size)
@@ -84,10 +87,10 @@ def pretrain_lesion_tower(
     split = int(0.9 * len(pixels))
     head = nn.Linear(cfg.hidden_size, 1)
     optimizer = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=1e-3, weight_decay=0.0)
-    mean = torch.tensor([0.5]).view(1, 1, 1, 1)  # the demo image processor's normalisation (mean = std = 0.5)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (image_mean, image_std))
 
     def logits(batch):
-        hidden = tower(pixel_values=(batch - mean) / mean, output_hidden_states=True).hidden_states[feature_layer]
+        hidden = tower(pixel_values=(batch - mean) / std, output_hidden_states=True).hidden_states[feature_layer]
         return head(hidden[:, 1:]).squeeze(-1)  # patch tokens (the VLM drops CLS too)
 
     tower.train()

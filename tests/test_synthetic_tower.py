@@ -15,6 +15,7 @@ from hf_vlm.presets import tiny_vision_config
 from hf_vlm.synthetic_tower import lesion_slices, patch_auc, patch_targets, pretrain_lesion_tower
 from hf_vlm.synthetic_volumes import draw_study
 
+NORMALISE = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}  # as the demo's image processor
 SETTINGS = {"windows": ["lung"], "slice_sampling": "all", "extent": "lung", "crop": "body", "image_size": 64}
 
 
@@ -55,8 +56,8 @@ def test_pretraining_teaches_the_tower_to_mark_lesion_patches():
     torch.manual_seed(0)
     tower = ViTModel(tiny_vision_config("tiny"), add_pooling_layer=False)
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    untrained = pretrain_lesion_tower(tower, SETTINGS, steps=0, num_studies=24)["held_out_patch_auc"]
-    stats = pretrain_lesion_tower(tower, SETTINGS, steps=200, num_studies=60)
+    untrained = pretrain_lesion_tower(tower, SETTINGS, **NORMALISE, steps=0, num_studies=24)["held_out_patch_auc"]
+    stats = pretrain_lesion_tower(tower, SETTINGS, **NORMALISE, steps=200, num_studies=60)
     assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
     assert not tower.training
     # held-out slices: 300 steps on 200 studies (the demo's default) reached 0.98
