@@ -3,7 +3,8 @@
 Two designs, chosen by `config.bridge_type`:
 
 * `mlp` (LLaVA-style): pool the patch grid down to the token budget, then a 2-layer MLP
-  into the LLM width. Cheap, and a sensible Stage 1 target.
+  into the LLM width. Cheap, and a sensible Stage 1 target. Pooling is `avg`, `max` or
+  `attention` (`GatedAttentionPooling`: a learned weighted mean inside each pooling box).
 * `qformer` (BLIP-2 style): `max_visual_tokens` learned queries cross-attend to the
   patch features through transformers' `Blip2QFormerModel`, then a linear projection.
 
@@ -44,6 +45,47 @@ def pool_tokens(features: torch.Tensor, num_tokens: int, mode: str = "avg") -> t
     return pool1d(features.transpose(1, 2), num_tokens).transpose(1, 2)  # (N, K, D)
 
 
+ATTENTION_HIDDEN = 128  # width of the gated-attention scorer (Ilse et al. use 128 for 500-d features)
+MAX_LOG_WEIGHT_RATIO = 60.0  # weights below exp(-60) of a row's largest are clamped there (no 0/0)
+
+
+class GatedAttentionPooling(nn.Module):
+    """Attention-based multiple-instance pooling (Ilse, Tomczak & Welling, 2018): each patch gets a
+    score `w . (tanh(V x) * sigmoid(U x))`, and each pooling box gives the softmax-weighted mean of
+    its patches instead of their plain mean.
+
+    Why: in a CT study the finding is a needle - a 4 mm nodule is one patch of one slice among
+    S x P - and avg pooling divides it by the box size (the 3-D demo stayed blind with every avg /
+    max reduction, docs/architecture.md "Studies"); the learned score lets the box report its most
+    telling patch. The score layer starts at zero, so an untrained pooler IS avg pooling.
+
+    `box_mean` is the avg pooling that defines the boxes (2-D `pool_tokens` or the study's 3-D
+    pooling): the weighted mean of a box is box_mean(e * x) / box_mean(e), the box size cancels.
+    """
+
+    def __init__(self, dim: int, hidden: int = ATTENTION_HIDDEN):
+        super().__init__()
+        self.attention_v = nn.Linear(dim, hidden)
+        self.attention_u = nn.Linear(dim, hidden)
+        self.score = nn.Linear(hidden, 1)
+        self.score._zero_init = True  # read by MambaVLMPreTrainedModel._init_weights
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def weights(self, features: torch.Tensor) -> torch.Tensor:
+        """`(n, ..., D)` -> `(n, ..., 1)` float32 unnormalised weights exp(score - row max)."""
+        gated = torch.tanh(self.attention_v(features)) * torch.sigmoid(self.attention_u(features))
+        scores = self.score(gated).float()
+        top = scores.flatten(1).amax(1).view(-1, *([1] * (scores.dim() - 1)))
+        return torch.exp((scores - top).clamp(min=-MAX_LOG_WEIGHT_RATIO))
+
+    def forward(self, features: torch.Tensor, box_mean, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted mean of `values` (default: `features`) in each box of `box_mean`, scored on `features`."""
+        weights = self.weights(features)
+        values = features if values is None else values
+        return (box_mean(weights * values.float()) / box_mean(weights)).to(values.dtype)
+
+
 class MLPBridge(nn.Module):
     """Pool patch features to the budget, then Linear -> act -> Linear into the LLM width."""
 
@@ -56,10 +98,20 @@ class MLPBridge(nn.Module):
         self.linear_1 = nn.Linear(vision_dim, text_dim)
         self.act = ACT2FN[config.bridge_hidden_act]
         self.linear_2 = nn.Linear(text_dim, text_dim)
+        self.attention_pool = GatedAttentionPooling(vision_dim) if self.pooling == "attention" else None
+
+    def pool(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """`(N, P, Dv)` -> `(N, K, Dv)` with the configured pooling."""
+        if self.attention_pool is None:
+            return pool_tokens(vision_features, self.num_tokens, self.pooling)
+        return self.attention_pool(vision_features, lambda x: pool_tokens(x, self.num_tokens, "avg"))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """`(N, K, Dv)` pooled features -> `(N, K, Dt)` LLM embeddings."""
+        return self.linear_2(self.act(self.linear_1(pooled)))
 
     def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
-        pooled = pool_tokens(vision_features, self.num_tokens, self.pooling)  # (N, K, Dv)
-        return self.linear_2(self.act(self.linear_1(pooled)))  # (N, K, Dt)
+        return self.project(self.pool(vision_features))  # (N, K, Dt)
 
 
 class QFormerBridge(nn.Module):

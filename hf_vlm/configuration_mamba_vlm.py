@@ -18,7 +18,7 @@ from transformers.configuration_utils import SubConfigSpec
 BRIDGE_TYPES = ("mlp", "qformer")
 FRESH_QFORMER_LOCALITY_BIAS = 4.0  # see QFormerBridge: a fresh Q-Former's queries start near their grid cell
 FRESH_QFORMER_LAYERS = 2  # a fresh Q-Former: 2 layers, each cross-attending (docs/architecture.md, "Q-Former")
-POOLING_TYPES = ("avg", "max")
+POOLING_TYPES = ("avg", "max", "attention")
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 
 
@@ -43,7 +43,9 @@ class MambaVLMConfig(PreTrainedConfig):
             `"default"` drops the prefix tokens (CLS, registers) and keeps patch tokens;
             `"full"` keeps every token.
         bridge_pooling (`str`, defaults to `"avg"`):
-            How the MLP bridge reduces the patch grid to `max_visual_tokens` (`"avg"` or `"max"`).
+            How the MLP bridge reduces the patch grid (and a study's slices) to `max_visual_tokens`:
+            `"avg"`, `"max"` or `"attention"` (a learned weighted mean per pooling box, see
+            `hf_vlm.bridges.GatedAttentionPooling`).
         bridge_hidden_act (`str`, defaults to `"gelu"`):
             Activation between the two MLP layers.
         qformer_init_from (`str`, *optional*):

@@ -90,7 +90,10 @@ class MambaVLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # Sub-models (vision tower, Mamba) dispatch to their own `_init_weights`; this covers the bridge.
         std = getattr(self.config.text_config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
+            module.weight.zero_()  # an attention-pooling scorer starts as avg pooling (hf_vlm.bridges)
+            module.bias.zero_()
+        elif isinstance(module, nn.Linear):
             module.weight.normal_(mean=0.0, std=std)
             if module.bias is not None:
                 module.bias.zero_()

@@ -11,7 +11,9 @@ bridge turns the whole study into one fixed budget, whatever S is:
   grid (`max_visual_tokens / study_depth_tokens` tokens per bin), plus the mean position
   embedding of each bin's slices, then the bridge's MLP. The embedding is added AFTER pooling
   (for avg pooling the same as before it): the frozen features then need no backward pass, so a
-  32-slice step costs little more than a one-slice step (benchmarks/bench_study_step.py);
+  32-slice step costs little more than a one-slice step (benchmarks/bench_study_step.py). With
+  `bridge_pooling: attention` each box is a learned weighted mean of its patches (feature +
+  embedding): what finds a one-slice nodule among S x P patches (the 3-D demo's setting);
 * `qformer`: the learned queries cross-attend over the patches of all S slices at once (each
   patch feature plus its slice's embedding).
 
@@ -93,6 +95,21 @@ def pool_study_positions(positions: torch.Tensor, num_tokens: int, depth_tokens:
     return by_bin.repeat_interleave(num_tokens // depth_tokens, dim=1)
 
 
+def _pool_study(bridge, group, positions, num_tokens: int, depth: int, mode: str) -> torch.Tensor:
+    """`(n, S, P, Dv)` slices (+ `(n, S, Dv)` slice embeddings or None) -> `(n, K, Dv)` for the MLP.
+
+    avg / max: pool the features, then add each bin's mean embedding (frozen features need no
+    backward pass). attention: each box's weighted mean of feature + embedding, the weights scored
+    on the features, so a token carries the z of the slice it attended to (the nodule's level)."""
+    if mode != "attention":
+        pooled = pool_study_tokens(group, num_tokens, depth, mode)
+        if positions is None:
+            return pooled
+        return pooled + pool_study_positions(positions, num_tokens, depth).to(pooled.dtype)
+    values = group if positions is None else group + positions.to(group.dtype)[:, :, None, :]
+    return bridge.attention_pool(group, lambda x: pool_study_tokens(x, num_tokens, depth, "avg"), values=values)
+
+
 def add_study_modules(model) -> None:
     """Attach the slice-position embedding to `model.bridge` when the config asks for it."""
     config = model.config
@@ -143,12 +160,9 @@ def encode_studies(
             group = torch.stack([chunks[i] for i in rows])  # (n, S, P, Dv)
         n, s, p, d = group.shape
         if config.bridge_type == "mlp":
-            pooled = pool_study_tokens(group, config.max_visual_tokens, depth, config.bridge_pooling)  # (n, K, Dv)
-            if positions is not None:
-                pooled = pooled + pool_study_positions(
-                    torch.stack([positions[i] for i in rows]), config.max_visual_tokens, depth
-                ).to(pooled.dtype)
-            encoded = bridge(pooled)  # (n, K, Dt); its own pooling is the identity at K tokens
+            group_positions = torch.stack([positions[i] for i in rows]) if positions is not None else None
+            pooled = _pool_study(bridge, group, group_positions, config.max_visual_tokens, depth, config.bridge_pooling)
+            encoded = bridge.project(pooled)  # (n, K, Dt)
         else:
             encoded = bridge(group.reshape(n, s * p, d))  # queries attend over all slices' patches
         for i, row in zip(rows, encoded):

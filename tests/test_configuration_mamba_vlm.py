@@ -11,7 +11,7 @@ from hf_vlm import MambaVLMConfig
     "overrides,message",
     [
         ({"bridge_type": "linear"}, r"bridge_type must be one of \('mlp', 'qformer'\)"),
-        ({"bridge_pooling": "median"}, r"bridge_pooling must be one of \('avg', 'max'\)"),
+        ({"bridge_pooling": "median"}, r"bridge_pooling must be one of \('avg', 'max', 'attention'\)"),
         ({"max_visual_tokens": 0}, "max_visual_tokens must be a positive integer"),
         ({"vision_feature_select_strategy": "cls"}, r"vision_feature_select_strategy must be one of"),
     ],

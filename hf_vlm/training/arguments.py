@@ -76,7 +76,9 @@ class ModelArguments:
         "BLIP-2 checkpoint to initialise the Q-Former bridge from (bridge_type='qformer' only).", default=None
     )
     bridge_pooling: str = _help(
-        "MLP bridge: how patches (and slices) are pooled to the budget: avg or max.", default="avg"
+        "MLP bridge: how patches (and slices) are pooled to the budget: avg, max or attention (a learned "
+        "weighted mean per pooling box, which finds a small finding in a study; hf_vlm.bridges).",
+        default="avg",
     )
     slice_position_embedding: bool = _help(
         "Studies: add a learned embedding of each slice's relative z to its patch features (hf_vlm.modeling_study).",
