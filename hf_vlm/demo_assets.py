@@ -110,13 +110,14 @@ def build_demo_assets(
     lm_family: str = "mamba",
     tower_steps: int = 0,
     tower_settings: dict | None = None,
+    tower_feature_layer: int = -2,
 ) -> DemoAssets:
     """Write data, tokenizer/processor, a tiny ViT and a tiny pretrained Mamba LM under `out_dir`.
 
     `studies`: the data are synthetic CT volumes (NIfTI, `hf_vlm.synthetic_volumes`) whose reports
     state side, lobe, size and level of a nodule that is rarely on the middle slice. `tower_steps` > 0
-    pretrains the tiny ViT to mark nodule patches on slices preprocessed with `tower_settings`
-    (`hf_vlm.synthetic_tower`)."""
+    pretrains the tiny ViT to mark nodule patches on slices preprocessed with `tower_settings`, at
+    hidden layer `tower_feature_layer` (the VLM's `vision_feature_layer`; `hf_vlm.synthetic_tower`)."""
     torch.manual_seed(seed)
     random.seed(seed)
     data_dir = os.path.join(out_dir, "data")
@@ -154,6 +155,7 @@ def build_demo_assets(
             image_std=image_processor.image_std,
             seed=seed,
             steps=tower_steps,
+            feature_layer=tower_feature_layer,
         )
     tower.save_pretrained(vision_path)
 

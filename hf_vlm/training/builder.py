@@ -45,7 +45,7 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
         "seed": training_args.seed,
         **({"studies": True} if synth_args.synthetic_studies else {}),  # 2-D asset markers stay valid
         **({"lm_family": model_args.tiny_lm_family} if model_args.tiny_lm_family != "mamba" else {}),
-        **(_tower_pretraining(synth_args, data_args) if synth_args.synthetic_tower_steps else {}),
+        **(_tower_pretraining(synth_args, data_args, model_args) if synth_args.synthetic_tower_steps else {}),
     }
     with training_args.main_process_first(desc="synthetic assets"):
         stored = load_assets_record(out_dir)
@@ -65,15 +65,20 @@ def prepare_synthetic_assets(model_args, data_args, synth_args, training_args) -
         model_args.processor_name_or_path = model_args.processor_name_or_path or assets.processor_path
 
 
-def _tower_pretraining(synth_args, data_args) -> dict:
+def _tower_pretraining(synth_args, data_args, model_args) -> dict:
     """`build_demo_assets` settings of the tower's Stage 0: every lung slice, preprocessed in-plane as
-    this recipe does (windows, spacing, crop, size). The slice sampling is left out on purpose: the
-    demo's middle-slice baseline samples differently and must share the same tower (same assets)."""
+    this recipe does (windows, spacing, crop, size), trained at the hidden layer the bridge will read
+    (`vision_feature_layer`). The slice sampling is left out on purpose: the demo's middle-slice
+    baseline samples differently and must share the same tower (same assets)."""
     settings = data_args.study_preprocessing()
     if settings is None:
         raise ValueError("synthetic_tower_steps needs studies: true (the tower trains on study slices)")
     in_plane = dataclasses.replace(settings, slice_sampling="all", extent="lung")
-    return {"tower_steps": synth_args.synthetic_tower_steps, "tower_settings": in_plane.to_dict()}
+    return {
+        "tower_steps": synth_args.synthetic_tower_steps,
+        "tower_settings": in_plane.to_dict(),
+        "tower_feature_layer": model_args.vision_feature_layer,
+    }
 
 
 # --- processor ----------------------------------------------------------------------------------
