@@ -221,3 +221,8 @@ def test_qformer_body_lr_defaults_to_the_capped_bridge_lr_unless_blip2_weights_w
     assert {g["name"]: g["lr"] for g in pretrained.build_parameter_groups(pretrained.model)}["qformer"] == 1e-5
     explicit = micro_trainer(tmp_path / "c", config_overrides={"bridge_type": "qformer"}, qformer_learning_rate=2e-4)
     assert {g["name"]: g["lr"] for g in explicit.build_parameter_groups(explicit.model)}["qformer"] == 2e-4
+    caplog.clear()
+    mlp = micro_trainer(tmp_path / "e", bridge_learning_rate=3e-3)
+    with caplog.at_level("INFO", logger="hf_vlm.training.trainer"):
+        assert "qformer" not in {g["name"] for g in mlp.build_parameter_groups(mlp.model)}
+    assert "Q-Former" not in caplog.text  # an MLP run is not told about a Q-Former LR

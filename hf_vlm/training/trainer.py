@@ -109,9 +109,10 @@ class MambaVLMTrainer(Trainer):
     # --- optimizer -----------------------------------------------------------------------------
     def _group_lr(self, component: str) -> float:
         args = self.args
+        if component == "qformer":  # only then: it logs the Q-Former LR it chose
+            return self._qformer_lr()
         return {
             "bridge": args.bridge_learning_rate,
-            "qformer": self._qformer_lr(),
             "lora": args.lora_learning_rate,
             "language_model": args.llm_learning_rate if args.llm_learning_rate is not None else args.learning_rate,
             "vision_tower": args.vision_learning_rate if args.vision_learning_rate is not None else args.learning_rate,
