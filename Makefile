@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+, no GPU needed):
 #   make demo   -> virtualenv + pinned CPU torch (only if no torch) + hf_vlm with the tested lock, then the demo
+#                  (synthetic CT studies: hf-vlm demo --studies; make demo-2d runs the 2-D one on single slices)
 #   make test   -> the same set-up, then the whole test suite (slow tests included)
 # Also: make test-latest (newest releases setup.cfg allows), make test-lowest (lowest declared),
 #       make lock (re-pin requirements/lock.txt from a fresh venv), make bench.
@@ -11,7 +12,7 @@ LOCK := requirements/lock.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_vlm-installed
 
-.PHONY: install demo test test-fast test-latest test-lowest lint lock bench clean-venv
+.PHONY: install demo demo-2d test test-fast test-latest test-lowest lint lock bench clean-venv
 
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/hf-vlm demo --studies
+
+demo-2d: $(STAMP)
 	$(BIN)/hf-vlm demo
 
 test: $(STAMP)

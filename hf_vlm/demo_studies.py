@@ -24,21 +24,21 @@ RECIPE = "tiny_demo_3d"
 
 def run_study_stages(args, output_dir: str, extra: dict | None = None) -> dict:
     """Stage 1 (bridge only) then Stage 2 (bridge + LLM) with `recipes/tiny_demo_3d.yaml`."""
+    from .commands.demo import same_learning_rate
     from .training.run import train_from_recipe
 
     common = {
         "output_dir": output_dir,
-        "synthetic_train_rows": args.n_train,
+        **({"synthetic_train_rows": args.n_train} if args.n_train else {}),
         "synthetic_eval_rows": args.n_eval,
         "synthetic_lm_steps": args.lm_steps,
         "synthetic_dir": os.path.join(args.output_dir, "assets"),  # shared by the model and the baseline
         "vision_feature_cache": os.path.join(args.output_dir, "feature_cache"),
         "seed": args.seed,
         "per_device_train_batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "bridge_learning_rate": args.learning_rate,
-        "llm_learning_rate": args.learning_rate,
+        **same_learning_rate(args.learning_rate),
         "overwrite_output_dir": True,
+        **({"synthetic_tower_steps": args.tower_steps} if getattr(args, "tower_steps", None) is not None else {}),
         **(extra or {}),
     }
     align = train_from_recipe(
@@ -57,7 +57,7 @@ def run_study_stages(args, output_dir: str, extra: dict | None = None) -> dict:
         {
             **common,
             "init_from": align["output_dir"],
-            "max_steps": args.finetune_steps,
+            **({"max_steps": args.finetune_steps} if args.finetune_steps else {}),
             "output_dir": os.path.join(output_dir, "final"),
         },
     )
@@ -89,6 +89,7 @@ def evaluate_studies(model, processor, eval_csv: str, shuffle: bool = False, see
 def run(args) -> int:
     from transformers import set_seed
 
+    from .commands.demo import health_summary, print_health
     from .synthetic_volumes import study_chance_accuracy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -106,7 +107,12 @@ def run(args) -> int:
         middle = run_study_stages(
             args,
             os.path.join(args.output_dir, "middle_slice"),
-            {"study_slice_sampling": "middle", "study_extent": "full"},
+            {
+                "study_slice_sampling": "middle",
+                "study_extent": "full",
+                # its own cache root: a sibling of other settings would be reported as stale
+                "vision_feature_cache": os.path.join(args.output_dir, "middle_slice", "feature_cache"),
+            },
         )
         columns["middle slice"] = evaluate_studies(middle["model"], middle["processor"], eval_csv)[2]
     chance = study_chance_accuracy()
@@ -124,9 +130,11 @@ def run(args) -> int:
         "chance": chance,
         "seconds_model_training": trained,
         "seconds": time.time() - start,
+        **health_summary(final),
     }
     with open(os.path.join(args.output_dir, "demo_scores.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2, ensure_ascii=False)
+    print_health(final)
     print(
         f"\nCheckpoint: {final['output_dir']}  ({summary['seconds']:.0f} s in total, "
         f"{trained:.0f} s for the study model)"

@@ -166,6 +166,8 @@ def test_study_demo_trains_on_volumes_and_scores_against_baselines(tmp_path, cap
                 "1",
                 "--finetune_steps",
                 "2",
+                "--tower_steps",
+                "3",
                 "--batch_size",
                 "4",
                 "--no-middle_baseline",
@@ -174,8 +176,12 @@ def test_study_demo_trains_on_volumes_and_scores_against_baselines(tmp_path, cap
         == 0
     )
     scores = json.loads((out / "demo_scores.json").read_text())
-    assert set(scores) >= {"model", "blind (shuffled)", "chance"}
+    assert set(scores) >= {"model", "blind (shuffled)", "chance", "health"}
+    card = (out / "final" / "README.md").read_text(encoding="utf-8")
+    assert f"| verdict | {scores['health']['verdict']}:" in card  # Stage 2's verdict, as in its model card
     assert scores["model"]["all_studies"]["n"] == 4
     saved = json.loads((out / "final" / "processor_config.json").read_text())
     assert saved["study_preprocessing"]["slice_sampling"] == "all"  # the recipe's settings, saved
+    assert json.loads((out / "final" / "config.json").read_text())["bridge_pooling"] == "attention"
+    assert json.loads((out / "assets" / "assets.json").read_text())["settings"]["tower_steps"] == 3
     assert "off_middle" in capsys.readouterr().out

@@ -96,6 +96,7 @@ def test_recipe_key_builds_a_pretrained_tower_that_the_middle_slice_baseline_sha
     train_from_recipe("tiny_demo_3d", {**common, "output_dir": str(tmp_path / "run")})
     record = json.loads((tmp_path / "assets" / "assets.json").read_text())
     assert record["settings"]["tower_steps"] == 3
+    assert record["settings"]["tower_feature_layer"] == -1  # the layer tiny_demo_3d's bridge reads
     tower = record["settings"]["tower_settings"]
     assert tower["slice_sampling"] == "all" and tower["extent"] == "lung" and tower["image_size"] == 64
     stamp = (tmp_path / "assets" / "vision_tower" / "model.safetensors").stat().st_mtime_ns

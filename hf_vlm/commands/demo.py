@@ -22,13 +22,33 @@ logger = logging.getLogger("hf_vlm.demo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output_dir", default=os.path.join("outputs", "demo"), help="where data, models and logs go")
-    parser.add_argument("--n_train", type=int, default=800, help="synthetic training studies")
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where data, models and logs go (default: outputs/demo_3d with --studies, else outputs/demo)",
+    )
+    parser.add_argument(
+        "--n_train",
+        type=int,
+        default=None,
+        help="synthetic training rows (default: the recipe's synthetic_train_rows, 800)",
+    )
     parser.add_argument("--n_eval", type=int, default=100, help="held-out studies to generate reports for")
     parser.add_argument("--lm_steps", type=int, default=150, help="Stage 0 text-only LM pretraining steps")
     parser.add_argument("--align_steps", type=int, default=100, help="Stage 1 steps: bridge only")
-    parser.add_argument("--finetune_steps", type=int, default=800, help="Stage 2 steps: bridge + LLM")
-    parser.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate of both stages")
+    parser.add_argument(
+        "--finetune_steps",
+        type=int,
+        default=None,
+        help="Stage 2 steps: bridge + LLM (default: the recipe's max_steps, 800 for images, 1600 for studies)",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="peak learning rate of both stages for bridge and LLM alike (default: the recipe's, e.g. "
+        "tiny_demo_3d's bridge 1e-2 / LLM 3e-3)",
+    )
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=5, help="generated reports to print next to the truth")
@@ -38,11 +58,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on synthetic CT studies (recipes/tiny_demo_3d.yaml) and score side/lobe/size/level",
     )
     parser.add_argument(
+        "--tower_steps",
+        type=int,
+        default=None,
+        help="with --studies: Stage 0 steps of the tiny ViT (default: the recipe's synthetic_tower_steps)",
+    )
+    parser.add_argument(
         "--middle_baseline",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="with --studies: also train the same recipe on the middle slice only (baseline)",
     )
+
+
+def health_summary(final: dict) -> dict:
+    """`{"health": {verdict, last train_vision_gap}}` of Stage 2 for demo_scores.json ({} without one;
+    Stage 1 trains a bridge on a frozen LM and is not the run that must see)."""
+    health = final.get("health")
+    if not health:
+        return {}
+    gap = health["probes"][-1]["gap"] if health["probes"] else None
+    return {"health": {"verdict": health["verdict"], "train_vision_gap": gap}}
+
+
+def print_health(final: dict) -> None:
+    """Print Stage 2's end-of-run health table (the one in the model card)."""
+    health = final.get("health")
+    if health:
+        from ..training.verdict import format_health_table
+
+        print(f"\nTraining health of Stage 2 (verdict: {health['verdict']}):\n{format_health_table(health['table'])}")
+
+
+def same_learning_rate(lr: float | None) -> dict:
+    """Recipe overrides that give bridge and LLM the one `--learning_rate` (none: the recipe's own)."""
+    return {} if lr is None else {"learning_rate": lr, "bridge_learning_rate": lr, "llm_learning_rate": lr}
 
 
 def run_stages(args) -> dict:
@@ -52,15 +102,13 @@ def run_stages(args) -> dict:
 
     common = {
         "output_dir": args.output_dir,
-        "synthetic_train_rows": args.n_train,
+        **({"synthetic_train_rows": args.n_train} if args.n_train else {}),
         "synthetic_eval_rows": args.n_eval,
         "synthetic_lm_steps": args.lm_steps,
         "synthetic_dir": os.path.join(args.output_dir, "assets"),
         "seed": args.seed,
         "per_device_train_batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "bridge_learning_rate": args.learning_rate,
-        "llm_learning_rate": args.learning_rate,
+        **same_learning_rate(args.learning_rate),
         "overwrite_output_dir": True,  # the demo re-runs into the same folders by design
     }
     align = train_from_recipe(
@@ -79,7 +127,7 @@ def run_stages(args) -> dict:
         {
             **common,
             "init_from": align["output_dir"],
-            "max_steps": args.finetune_steps,
+            **({"max_steps": args.finetune_steps} if args.finetune_steps else {}),
             "output_dir": os.path.join(args.output_dir, "final"),
         },
     )
@@ -107,6 +155,8 @@ def run(args) -> int:
 
     from ..synthetic import chance_accuracy
 
+    if args.output_dir is None:
+        args.output_dir = os.path.join("outputs", "demo_3d" if getattr(args, "studies", False) else "demo")
     if getattr(args, "studies", False):
         from ..demo_studies import run as run_studies
 
@@ -127,18 +177,10 @@ def run(args) -> int:
     for key in scores:
         print(f"{key:<18}{scores[key]:>8.2f}{blind[key]:>18.2f}{chance[key]:>8.2f}")
     summary = {"model": scores, "blind_shuffled_images": blind, "chance": chance, "seconds": time.time() - start}
-    health = final.get("health")
-    if health:  # the verdict of Stage 2 and its last train_vision_gap (Stage 1 trains a bridge on a frozen LM)
-        summary["health"] = {
-            "verdict": health["verdict"],
-            "train_vision_gap": health["probes"][-1]["gap"] if health["probes"] else None,
-        }
+    summary.update(health_summary(final))
     with open(os.path.join(args.output_dir, "demo_scores.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2, ensure_ascii=False)
-    if health:
-        from ..training.verdict import format_health_table
-
-        print(f"\nTraining health of Stage 2 (verdict: {health['verdict']}):\n{format_health_table(health['table'])}")
+    print_health(final)
     curve = os.path.join(final_dir, "train_log.png")  # written by LossPlotCallback, healthy band drawn
     print(f"\nCheckpoint: {final_dir}\nLoss curve: {curve}  ({summary['seconds']:.0f} s in total)")
     return 0
