@@ -15,7 +15,10 @@ Defaults resemble a CLIP-L tower (Dv = 1024, P = 256 patches at 224 px) with a s
 (d = 256, 4 layers) so the run fits a few CPU minutes; the LM share grows with a real 2.8B LM,
 so these ratios are an upper bound for the S-dependent part.
 
-Usage: python benchmarks/bench_study_step.py [--slices 1 8 32] [--bridges mlp qformer] [--steps 6]
+`mlp-attention` is the MLP bridge with `bridge_pooling: attention` (the 3-D demo's): its scorer
+runs over all S x P patches with a backward pass, so unlike avg pooling it grows with S.
+
+Usage: python benchmarks/bench_study_step.py [--slices 1 8 32] [--bridges mlp mlp-attention qformer] [--steps 6]
 """
 
 from __future__ import annotations
@@ -59,15 +62,17 @@ def one(args) -> dict:
         patch_size=14,
     )
     text = MambaConfig(vocab_size=600, hidden_size=args.hidden, num_hidden_layers=args.layers, state_size=16)
+    bridge, _, pooling = args.bridge.partition("-")
     config = MambaVLMConfig(
         vision_config=vision,
         text_config=text,
-        bridge_type=args.bridge,
+        bridge_type=bridge,
+        bridge_pooling=pooling or "avg",
         max_visual_tokens=args.budget,
         slice_position_embedding=True,
-        study_depth_tokens=args.depth_tokens if args.bridge == "mlp" else 1,
+        study_depth_tokens=args.depth_tokens if bridge == "mlp" else 1,
         qformer_config={"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512}
-        if args.bridge == "qformer"
+        if bridge == "qformer"
         else None,
         image_token_id=599,
     )
@@ -114,7 +119,7 @@ def one(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--bridges", nargs="+", default=["mlp", "qformer"])
+    parser.add_argument("--bridges", nargs="+", default=["mlp", "mlp-attention", "qformer"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vision_dim", type=int, default=1024)
     parser.add_argument("--patches", type=int, default=256)
@@ -151,13 +156,13 @@ def main() -> None:
         f"{args.threads} thread(s)"
     )
     print(
-        f"{'bridge':<8}{'S':>4}{'features MB':>13}{'wall ms':>10}{'cpu ms':>9}{'cpu vs S=1':>12}"
+        f"{'bridge':<14}{'S':>4}{'features MB':>13}{'wall ms':>10}{'cpu ms':>9}{'cpu vs S=1':>12}"
         f"{'peak MB':>10}{'peak vs S=1':>13}"
     )
     for r in results:
         base = next(x for x in results if x["bridge"] == r["bridge"] and x["S"] == min(args.slices))
         print(
-            f"{r['bridge']:<8}{r['S']:>4}{r['features_mb']:>13.1f}{r['wall_ms']:>10.1f}{r['cpu_ms']:>9.1f}"
+            f"{r['bridge']:<14}{r['S']:>4}{r['features_mb']:>13.1f}{r['wall_ms']:>10.1f}{r['cpu_ms']:>9.1f}"
             f"{r['cpu_ms'] / base['cpu_ms']:>11.2f}x{r['peak_mb']:>10.1f}{r['peak_mb'] / max(base['peak_mb'], 1e-3):>12.2f}x"  # noqa: E501
         )
 
