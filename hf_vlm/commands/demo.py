@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n_train",
         type=int,
         default=None,
-        help="synthetic training rows (default: the recipe's synthetic_train_rows, 800)",
+        help="synthetic training rows (default: the recipe's synthetic_train_rows: 800 images, 1600 studies)",
     )
     parser.add_argument("--n_eval", type=int, default=100, help="held-out studies to generate reports for")
     parser.add_argument("--lm_steps", type=int, default=150, help="Stage 0 text-only LM pretraining steps")
