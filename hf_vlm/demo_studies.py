@@ -23,44 +23,13 @@ RECIPE = "tiny_demo_3d"
 
 
 def run_study_stages(args, output_dir: str, extra: dict | None = None) -> dict:
-    """Stage 1 (bridge only) then Stage 2 (bridge + LLM) with `recipes/tiny_demo_3d.yaml`."""
-    from .commands.demo import same_learning_rate
-    from .training.run import train_from_recipe
+    """Stage 1 (bridge only) then Stage 2 (bridge + LLM) with `recipes/tiny_demo_3d.yaml`; the
+    feature cache under `<args.output_dir>` unless `extra` names another."""
+    from .commands.demo import run_two_stages
 
-    common = {
-        "output_dir": output_dir,
-        **({"synthetic_train_rows": args.n_train} if args.n_train else {}),
-        "synthetic_eval_rows": args.n_eval,
-        "synthetic_lm_steps": args.lm_steps,
-        "synthetic_dir": os.path.join(args.output_dir, "assets"),  # shared by the model and the baseline
-        "vision_feature_cache": os.path.join(args.output_dir, "feature_cache"),
-        "seed": args.seed,
-        "per_device_train_batch_size": args.batch_size,
-        **same_learning_rate(args.learning_rate),
-        "overwrite_output_dir": True,
-        **({"synthetic_tower_steps": args.tower_steps} if getattr(args, "tower_steps", None) is not None else {}),
-        **(extra or {}),
-    }
-    align = train_from_recipe(
-        RECIPE,
-        {
-            **common,
-            "stage": "align",
-            "unfreeze_llm_layers": 0,
-            "max_steps": args.align_steps,
-            "save_strategy": "no",
-            "output_dir": os.path.join(output_dir, "align"),
-        },
-    )
-    return train_from_recipe(
-        RECIPE,
-        {
-            **common,
-            "init_from": align["output_dir"],
-            **({"max_steps": args.finetune_steps} if args.finetune_steps else {}),
-            "output_dir": os.path.join(output_dir, "final"),
-        },
-    )
+    tower = {"synthetic_tower_steps": args.tower_steps} if getattr(args, "tower_steps", None) is not None else {}
+    cache = {"vision_feature_cache": os.path.join(args.output_dir, "feature_cache")}
+    return run_two_stages(args, RECIPE, output_dir, {**cache, **tower, **(extra or {})})
 
 
 def evaluate_studies(model, processor, eval_csv: str, shuffle: bool = False, seed: int = 0):

@@ -95,13 +95,15 @@ def same_learning_rate(lr: float | None) -> dict:
     return {} if lr is None else {"learning_rate": lr, "bridge_learning_rate": lr, "llm_learning_rate": lr}
 
 
-def run_stages(args) -> dict:
-    """Stage 1 (align: bridge only) then Stage 2 (bridge + LLM) with `recipes/tiny_demo.yaml`,
-    through the guarded `MambaVLMTrainer` — the same path as `hf-vlm train`."""
+def run_two_stages(args, recipe: str, output_dir: str, extra: dict | None = None) -> dict:
+    """Stage 1 (align: bridge only) then Stage 2 (bridge + LLM) with `recipe` into `output_dir`,
+    through the guarded `MambaVLMTrainer` — the same path as `hf-vlm train`. The synthetic assets
+    live in `<args.output_dir>/assets`, shared with a baseline trained into another `output_dir`;
+    `extra` are further recipe overrides of both stages."""
     from ..training.run import train_from_recipe
 
     common = {
-        "output_dir": args.output_dir,
+        "output_dir": output_dir,
         **({"synthetic_train_rows": args.n_train} if args.n_train else {}),
         "synthetic_eval_rows": args.n_eval,
         "synthetic_lm_steps": args.lm_steps,
@@ -110,27 +112,33 @@ def run_stages(args) -> dict:
         "per_device_train_batch_size": args.batch_size,
         **same_learning_rate(args.learning_rate),
         "overwrite_output_dir": True,  # the demo re-runs into the same folders by design
+        **(extra or {}),
     }
     align = train_from_recipe(
-        "tiny_demo",
+        recipe,
         {
             **common,
             "stage": "align",
             "unfreeze_llm_layers": 0,
             "max_steps": args.align_steps,
             "save_strategy": "no",
-            "output_dir": os.path.join(args.output_dir, "align"),
+            "output_dir": os.path.join(output_dir, "align"),
         },
     )
     return train_from_recipe(
-        "tiny_demo",
+        recipe,
         {
             **common,
             "init_from": align["output_dir"],
             **({"max_steps": args.finetune_steps} if args.finetune_steps else {}),
-            "output_dir": os.path.join(args.output_dir, "final"),
+            "output_dir": os.path.join(output_dir, "final"),
         },
     )
+
+
+def run_stages(args) -> dict:
+    """The 2-D demo's two stages with `recipes/tiny_demo.yaml`."""
+    return run_two_stages(args, "tiny_demo", args.output_dir)
 
 
 def evaluate_facts(model, processor, eval_csv: str, shuffle_images: bool = False, seed: int = 0):
