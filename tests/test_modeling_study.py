@@ -216,3 +216,39 @@ def test_probe_with_one_study_per_batch_uses_the_previous_study_of_another_slice
     shifted = _shift_images(second, "pixel_values", _probe_images(first, "pixel_values"))
     assert shifted["slice_counts"].tolist() == [4] and shifted["pixel_values"].shape[0] == 4
     assert torch.equal(shifted["slice_z"], first["slice_z"])
+
+
+def test_untrained_attention_pooling_study_model_is_the_avg_model(micro_config, study_processor):
+    attention, avg = _model(micro_config, bridge_pooling="attention"), _model(micro_config, bridge_pooling="avg")
+    assert not attention.bridge.attention_pool.score.weight.any()  # _init_weights keeps the scorer at zero
+    missing = avg.load_state_dict(attention.state_dict(), strict=False)
+    assert sorted(missing.unexpected_keys) == sorted(
+        f"bridge.attention_pool.{k}" for k in attention.bridge.attention_pool.state_dict()
+    )
+    batch = study_processor(images=[_slices(s, s) for s in (1, 7, 32)], text=[None] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attention(**batch).image_hidden_states, avg(**batch).image_hidden_states, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_attention_study_model_fixed_budget_and_save_load_identical_logits(micro_config, study_processor, tmp_path):
+    model = _model(micro_config, bridge_pooling="attention")
+    with torch.no_grad():  # a trained-looking scorer, so the weights are far from uniform
+        model.bridge.attention_pool.score.weight.normal_(0, 3.0)
+    studies = [_slices(s, 20 + s) for s in (1, 7, 32)]
+    batch = study_processor(images=studies, text=[None, "请描述。", None])
+    with torch.no_grad():
+        out = model(**batch)
+        assert out.image_hidden_states.shape == (3, BUDGET, model.config.text_config.hidden_size)
+        for i, slices in enumerate(studies):  # each study alone gives the tokens it gets in the batch
+            alone = model(**study_processor(images=[slices], text=[None])).image_hidden_states
+            torch.testing.assert_close(alone[0], out.image_hidden_states[i], rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    study_processor.save_pretrained(tmp_path)
+    loaded = MambaVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.bridge_pooling == "attention"
+    processor = MambaVLMProcessor.from_pretrained(tmp_path)
+    with torch.no_grad():
+        again = loaded(**processor(images=studies, text=[None, "请描述。", None]))
+    assert torch.equal(out.logits, again.logits)
